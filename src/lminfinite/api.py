@@ -1,0 +1,119 @@
+"""The public entry points: enable(), disable(), and helpers for long inputs.
+
+`enable(model)` switches a transformers model to Λ-attention in place: it registers the attention
+function, tags each attention layer with the shared state, installs the per-forward pre-hook on
+the decoder and selects `attn_implementation="lm_infinite"`. `disable(model)` undoes all of it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from .attention import NAME, register
+from .config import LambdaConfig, pretraining_length
+from .context import LambdaState, make_pre_hook
+from .positions import find_rope, install_rope_hooks
+
+# Architectures whose positions are absolute: LM-Infinite does not apply to them.
+ABSOLUTE_POSITION_TYPES = {
+    "gpt2", "opt", "bert", "roberta", "gpt_bigcode", "biogpt", "xglm", "ctrl", "transfo-xl", "distilbert",
+    "electra", "xlm", "openai-gpt", "gpt_neo", "codegen", "imagegpt",
+}
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers (e.g. `LlamaModel` inside `LlamaForCausalLM`)."""
+    base = getattr(model, "base_model", model)
+    return base
+
+
+def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
+    return [m for m in decoder.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+
+
+def _check_architecture(model: nn.Module, rope) -> None:
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type in ABSOLUTE_POSITION_TYPES:
+        raise ValueError(
+            f"{type(model).__name__} ({model_type}) uses absolute position embeddings; LM-Infinite needs a model "
+            "with relative positions (RoPE or ALiBi): its distance cap has no meaning for absolute positions"
+        )
+    if rope is None:
+        raise ValueError(
+            f"{type(model).__name__} ({model_type}) has no rotary embedding that lminfinite recognises; "
+            "LM-Infinite needs relative positions (RoPE or ALiBi)"
+        )
+    if not getattr(model, "_supports_attention_backend", False) and not getattr(model, "_supports_sdpa", False):
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "so lminfinite cannot plug into it"
+        )
+
+
+def enable(
+    model: nn.Module,
+    n_global: int = 10,
+    n_local: int | None = None,
+    limit_distance: int | None = None,
+    backend: str = "auto",
+    block_size: int | None = None,
+) -> nn.Module:
+    """Switch `model` to LM-Infinite's Λ-attention in place and return it.
+
+    n_global: starting tokens every query keeps seeing (default 10).
+    n_local: local window (default: the model's pretraining length from its config).
+    limit_distance: distance at which the starting tokens are seen (default `n_local`).
+    backend: "auto", "torch" (chunked), "naive" (O(n^2) reference) or "flex".
+    Calling it again reconfigures; training mode is allowed (the kernels are differentiable).
+    """
+    if n_local is None:
+        n_local = pretraining_length(model.config)
+    config = LambdaConfig(n_global=n_global, n_local=n_local, limit_distance=limit_distance, backend=backend,
+                          block_size=block_size)
+    if getattr(model, "_lminfinite", None) is not None:
+        disable(model)
+    decoder = _decoder(model)
+    rope = find_rope(decoder)
+    _check_architecture(model, rope)
+    register()
+    text_config = model.config.get_text_config(decoder=True)
+    state = LambdaState(
+        config=config,
+        rope=rope,
+        num_layers=text_config.num_hidden_layers,
+        previous_attn=model.config._attn_implementation,
+    )
+    state.modules = _attention_modules(decoder)
+    if not state.modules:
+        raise ValueError(f"found no attention layers in {type(model).__name__}")
+    for module in state.modules:
+        module._lminfinite = state
+    state.handles.append(decoder.register_forward_pre_hook(make_pre_hook(state, decoder), with_kwargs=True))
+    state.handles.extend(install_rope_hooks(rope))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.set_attn_implementation(NAME)
+    model._lminfinite = state
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Restore the model's own attention (no-op when not enabled) and return it."""
+    state = getattr(model, "_lminfinite", None)
+    if state is None:
+        return model
+    for handle in state.handles:
+        handle.remove()
+    for module in state.modules:
+        if hasattr(module, "_lminfinite"):
+            del module._lminfinite
+    model.set_attn_implementation(state.previous_attn)
+    del model._lminfinite
+    return model
+
+
+def is_enabled(model: nn.Module) -> bool:
+    """Whether `enable()` is in effect on `model`."""
+    return getattr(model, "_lminfinite", None) is not None

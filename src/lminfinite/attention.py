@@ -1,0 +1,84 @@
+"""The Λ-attention function, registered with transformers as "lm_infinite".
+
+`lambda_attention_forward` has the signature of transformers' attention functions (see
+`integrations/sdpa_attention.py`): it receives the layer's rotated queries and its keys/values
+(cache included) and returns (batch, q_len, heads, head_dim). It reads the forward's token indices
+from the context set by the pre-hook (`context.py`), prepares the global branch (queries re-rotated
+to distance D, starting keys back to position 0) and calls the kernel chosen by the backend.
+
+The mask function registered for "lm_infinite" returns None: the Λ structure is derived from
+token indices inside the kernels, in O(n), and no (q_len, k_len) mask is ever built here.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .kernels import get_kernel
+
+NAME = "lm_infinite"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The kernel used for `backend` on `device` ("auto": the fastest correct one available)."""
+    if backend != "auto":
+        return backend
+    return "torch"
+
+
+def lambda_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    state = getattr(module, "_lminfinite", None)
+    ctx = None if state is None else state.ctx
+    if ctx is None:
+        raise RuntimeError(
+            "lm_infinite attention was called outside a forward of a model enabled with lminfinite.enable(); "
+            "set attn_implementation through enable(), not by hand"
+        )
+    cfg = state.config
+    if ctx.k_idx.shape[1] != key.shape[2]:
+        raise RuntimeError(
+            f"layer {getattr(module, 'layer_idx', '?')} got {key.shape[2]} keys but the context describes "
+            f"{ctx.k_idx.shape[1]}: the cache in use is not a LambdaCache"
+        )
+    device = query.device
+    q_idx, k_idx = ctx.q_idx.to(device), ctx.k_idx.to(device)
+    qg = kg = vg = g_idx = None
+    S = ctx.n_candidates
+    if S > 0 and state.rope is not None:
+        (qcos, qsin), (gcos, gsin) = ctx.global_rotations(state.rope, cfg.limit_distance, device)
+        qg = state.rope.rotate(query, qcos, qsin)
+        kg = state.rope.rotate(key[:, :, :S], gcos, gsin)
+        vg, g_idx = value[:, :, :S], k_idx[:, :S]
+    kernel = get_kernel(resolve_backend(cfg.backend, device))
+    out = kernel(
+        query, key, value, q_idx, k_idx, qg, kg, vg, g_idx,
+        n_global=cfg.n_global, n_local=cfg.n_local,
+        scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
+        softcap=kwargs.get("softcap"), block_size=cfg.block_size,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def lambda_mask(*args, **kwargs) -> None:
+    """Mask function for "lm_infinite": nothing to build (the kernels apply the Λ rule in O(n))."""
+    return None
+
+
+def register() -> None:
+    """Register "lm_infinite" with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(NAME, lambda_attention_forward)
+    AttentionMaskInterface.register(NAME, lambda_mask)
+
+
+register()

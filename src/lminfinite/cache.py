@@ -1,0 +1,196 @@
+"""LambdaCache: a transformers `Cache` that keeps, per layer, the starting tokens and the last window.
+
+Each row keeps the key/value columns holding its first `n_global` real tokens and the last
+`n_local - 1` columns (what the next query can see); the middle is dropped, so memory is constant
+however long the stream. All layers share one column layout, decided once per forward in
+`begin()`: the token index of every column, which columns survive, and the re-basing of positions.
+
+Bounded positions. Keys are stored rotated (RoPE) at model positions `p = t - base`, where `t`
+counts a row's real tokens and `base` is a shared offset. When the next position would pass
+`2 * n_local` (and every row is far enough that its starting tokens are only seen through the
+global branch), `base` moves forward to `min(seen) - n_local` and the stored window keys are
+rotated back by the shift, once. Starting keys keep `base = 0` forever (the global branch
+re-rotates them from their own small positions), so no key is rotated more than a handful of
+times, and the positions given to RoPE stay below `2 * n_local + chunk length` for any stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .positions import Rope
+
+
+class LambdaLayer(DynamicLayer):
+    """One layer of a LambdaCache: stores the columns the shared layout keeps."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, shared: LambdaCache):
+        super().__init__()
+        self.shared = shared
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        plan = self.shared._plan
+        if plan is None:
+            raise RuntimeError("LambdaCache.update called outside a forward of an lminfinite-enabled model")
+        keys, values = self.keys, self.values
+        if plan["shift"] and keys.numel():
+            n_sink = plan["stored_sink"]
+            window = plan["rope"].rotate(keys[:, :, n_sink:], *plan["shift_cos_sin"](keys.device))
+            keys = torch.cat([keys[:, :, :n_sink], window], dim=-2)
+        full_k = torch.cat([keys, key_states], dim=-2)
+        full_v = torch.cat([values, value_states], dim=-2)
+        keep = plan["keep"]
+        if keep is None:
+            self.keys, self.values = full_k, full_v
+        else:
+            keep = keep.to(full_k.device)
+            self.keys, self.values = full_k.index_select(-2, keep), full_v.index_select(-2, keep)
+        return full_k, full_v
+
+    def get_seq_length(self) -> int:
+        return self.shared._columns
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = 0 if self.keys is None else self.keys.shape[-2]
+        return stored + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+class LambdaCache(Cache):
+    """A bounded KV cache for LM-Infinite: starting tokens + local window, constant memory.
+
+    Created for you by an enabled model (forward with `use_cache=True`, `generate()`,
+    `lminfinite.prefill`); build one yourself with `LambdaCache.for_model(model)`.
+    """
+
+    def __init__(self, n_global: int, n_local: int, num_layers: int):
+        self.n_global, self.n_local = int(n_global), int(n_local)
+        super().__init__(layers=[LambdaLayer(self) for _ in range(num_layers)])
+        self.owner: int | None = None  # id of the model state that filled it
+        self.tok: torch.Tensor | None = None  # (batch, stored columns) token index, -1 = padding
+        self.seen: torch.Tensor | None = None  # (batch,) real tokens seen per row
+        self.base = 0  # positions given to RoPE are token index - base (window) or token index (sinks)
+        self.n_sink = 0  # stored columns that hold some row's starting tokens (they come first)
+        self.sink_max_tok = 0  # largest token index stored in a sink column (any row)
+        self._columns = 0  # columns seen (padding included), what generate() slices by
+        self._plan: dict | None = None
+
+    @classmethod
+    def for_model(cls, model) -> LambdaCache:
+        """An empty LambdaCache matching an enabled model's (G, L) and depth."""
+        state = getattr(model, "_lminfinite", None)
+        if state is None:
+            raise ValueError("call lminfinite.enable(model) before creating a LambdaCache for it")
+        return cls(state.config.n_global, state.config.n_local, state.num_layers)
+
+    @property
+    def position_bound(self) -> int:
+        return 2 * self.n_local
+
+    def begin(self, valid: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Plan the layout for a forward of new columns with padding mask `valid` (batch, q_len).
+
+        Returns the new tokens' indices, their RoPE positions, and the indices of all key columns
+        the layers will return (stored + new)."""
+        B, Tq = valid.shape
+        device = valid.device
+        G, L = self.n_global, self.n_local
+        if self.tok is None:
+            self.tok = torch.empty(B, 0, dtype=torch.long, device=device)
+            self.seen = torch.zeros(B, dtype=torch.long, device=device)
+        elif self.tok.shape[0] != B:
+            raise ValueError(f"this LambdaCache holds a batch of {self.tok.shape[0]} rows, the input has {B}")
+        seen = self.seen.to(device)
+        q_idx = torch.where(valid, seen[:, None] + valid.long().cumsum(1) - 1, -1)
+        new_seen = seen + valid.long().sum(1)
+
+        shift = 0
+        if rope is not None and B and Tq:
+            # Every stored sink column must be out of every new query's window before re-basing.
+            far_enough = int(seen.min()) - self.sink_max_tok >= L
+            if far_enough and int(new_seen.max()) - 1 - self.base > self.position_bound:
+                shift = max(0, int(seen.min()) - L - self.base)
+        stored_sink = self.n_sink
+        self.base += shift
+        q_pos = (q_idx - self.base).clamp(min=0)
+
+        full_tok = torch.cat([self.tok.to(device), q_idx], dim=1)
+        total = full_tok.shape[1]
+        sink = ((full_tok >= 0) & (full_tok < G)).any(0)
+        keep_mask = sink.clone()
+        if L > 1:
+            keep_mask[max(0, total - (L - 1)):] = True
+        keep = None if bool(keep_mask.all()) else keep_mask.nonzero().squeeze(1)
+        self.tok = full_tok if keep is None else full_tok.index_select(1, keep)
+        self.n_sink = int(sink.sum())
+        if self.n_sink:
+            self.sink_max_tok = int(full_tok[:, sink].max())
+        self.seen = new_seen
+        self._columns += Tq
+
+        def shift_cos_sin(dev, _s=shift):
+            cos, sin = rope.cos_sin(torch.full((1, 1), -_s, device=dev))
+            return cos, sin
+
+        self._plan = {"shift": shift, "stored_sink": stored_sink, "keep": keep, "rope": rope,
+                      "shift_cos_sin": shift_cos_sin}
+        return q_idx, q_pos, full_tok
+
+    def check_compatible(self, n_global: int, n_local: int, num_layers: int, owner: int) -> None:
+        """Refuse a cache made for another model or another (G, L)."""
+        if (self.n_global, self.n_local) != (n_global, n_local):
+            raise ValueError(
+                f"this LambdaCache was made for n_global={self.n_global}, n_local={self.n_local}; the model is "
+                f"enabled with n_global={n_global}, n_local={n_local}. Make a new cache."
+            )
+        if len(self.layers) != num_layers:
+            raise ValueError(f"this LambdaCache has {len(self.layers)} layers, the model has {num_layers}")
+        if self.owner is None:
+            self.owner = owner
+        elif self.owner != owner and self._columns:
+            raise ValueError("this LambdaCache holds another model's keys and values; make a new cache")
+
+    # Batch bookkeeping: the shared layout follows the layers.
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.tok is not None:
+            self.tok = self.tok.index_select(0, beam_idx.to(self.tok.device))
+            self.seen = self.seen.index_select(0, beam_idx.to(self.seen.device))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.tok is not None:
+            self.tok = self.tok.repeat_interleave(repeats, dim=0)
+            self.seen = self.seen.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.tok is not None:
+            self.tok, self.seen = self.tok[indices], self.seen[indices]
+
+    def reset(self):
+        super().reset()
+        self.tok = self.seen = self._plan = None
+        self.base = self.n_sink = self.sink_max_tok = self._columns = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "LambdaCache drops the middle of the stream and cannot roll back; assisted decoding is not supported"
+        )
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the stored keys and values of all layers."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values)
+                   if t is not None)

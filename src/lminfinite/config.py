@@ -1,0 +1,76 @@
+"""LambdaConfig: the method's three numbers (G, L, D), the backend, and their defaults.
+
+Defaults come from the model config: `n_local` is the pretraining length
+(`original_max_position_embeddings` where RoPE scaling declares one, else
+`max_position_embeddings`), `n_global` is 10 and `limit_distance` is `n_local`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "naive", "torch", "flex")
+
+
+@dataclass(frozen=True)
+class LambdaConfig:
+    """Settings of LM-Infinite's Λ-attention.
+
+    n_global: the first `G` tokens of each sequence stay visible to every query.
+    n_local: the local window `L`; a query sees keys at distance `< L` with their true distance.
+    limit_distance: the distance `D` at which the starting tokens are seen once outside the window.
+    backend: "auto", "naive" (O(n^2) reference), "torch" (chunked, CPU/GPU) or "flex" (FlexAttention).
+    block_size: queries per block in the chunked kernel (None: chosen from `n_local`).
+    """
+
+    n_global: int = 10
+    n_local: int = 4096
+    limit_distance: int | None = None
+    backend: str = "auto"
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_global", "n_local"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if self.n_global < 0:
+            raise ValueError(f"n_global must be >= 0, got {self.n_global}")
+        if self.n_local < 1:
+            raise ValueError(f"n_local must be >= 1, got {self.n_local}")
+        if self.limit_distance is None:
+            object.__setattr__(self, "limit_distance", self.n_local)
+        if self.limit_distance < 0:
+            raise ValueError(f"limit_distance must be >= 0, got {self.limit_distance}")
+        if self.limit_distance > self.n_local:
+            warnings.warn(
+                f"limit_distance={self.limit_distance} > n_local={self.n_local}: the starting tokens are seen at a "
+                "distance the local window never uses; if that distance exceeds the pretraining length the model "
+                "meets unseen positions again",
+                stacklevel=3,
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+def pretraining_length(config) -> int:
+    """The model's pretraining context length, read from a transformers config."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    if isinstance(rope, dict):
+        # Per-layer-type parameters (Gemma3 style) nest one dict per layer type.
+        candidates = [rope] + [v for v in rope.values() if isinstance(v, dict)]
+        for params in candidates:
+            if params.get("original_max_position_embeddings"):
+                return int(params["original_max_position_embeddings"])
+    for name in ("original_max_position_embeddings", "max_position_embeddings", "n_positions", "max_seq_len",
+                 "seq_length", "n_ctx"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(
+        "cannot tell the model's pretraining length from its config; pass n_local explicitly to enable()"
+    )

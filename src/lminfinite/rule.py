@@ -1,0 +1,27 @@
+"""The Λ rule: which key a query attends, and through which branch. The one place it is written.
+
+Token indices count the real tokens of a row from 0; padding has index -1. For a query at index
+`i` and a key at index `j`:
+
+- local branch: `0 <= i - j < L` (seen at its true distance);
+- global branch: `j < G` and `i - j >= L` (seen at distance `D`);
+- otherwise the key is not attended.
+
+Both functions work elementwise on broadcastable integer tensors (or plain ints), like the mask
+functions of attention-gym, so every kernel calls the same rule on the shapes it needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def local_rule(q_idx: torch.Tensor, k_idx: torch.Tensor, n_local: int) -> torch.Tensor:
+    """True where key `k_idx` lies in the local window of query `q_idx`."""
+    dist = q_idx - k_idx
+    return (k_idx >= 0) & (dist >= 0) & (dist < n_local)
+
+
+def global_rule(q_idx: torch.Tensor, k_idx: torch.Tensor, n_global: int, n_local: int) -> torch.Tensor:
+    """True where key `k_idx` is a starting token outside the local window of query `q_idx`."""
+    return (k_idx >= 0) & (k_idx < n_global) & (q_idx - k_idx >= n_local)
