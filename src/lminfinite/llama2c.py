@@ -36,20 +36,19 @@ def load_llama2c(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
 ) -> tuple[LlamaForCausalLM, LlamaTokenizer | Llama2cTokenizer]:
-    """Model (eval mode) and tokenizer from a llama2.c `.bin`; the tokenizer is found beside it if not given."""
+    """Model (eval mode) and tokenizer of a llama2.c `.bin`; by default the tokenizer file beside it."""
     path = _existing_file(checkpoint, "checkpoint")
     header, tensors = read_checkpoint(path)
+    tok = load_tokenizer(tokenizer if tokenizer is not None else find_tokenizer(path.parent))
+    if len(tok) != header["vocab_size"]:
+        raise ValueError(
+            f"tokenizer has {len(tok)} tokens, checkpoint {path} has vocab {header['vocab_size']}"
+        )
     config = llama_config(header)
     model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.load_state_dict(hf_state_dict(header, tensors), strict=True)  # copies (and casts) into place
-    model.eval()
     model.generation_config.pad_token_id = PAD_ID
-    tok = load_tokenizer(tokenizer if tokenizer is not None else find_tokenizer(path.parent))
-    if len(tok) != config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tok)} tokens but checkpoint {path} has vocab_size {config.vocab_size}"
-        )
-    return model, tok
+    return model.eval(), tok
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
@@ -64,7 +63,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, 
     if len(head) < _HEADER.size:
         raise ValueError(f"{path} is {size} bytes, too short for a llama2.c header ({_HEADER.size} bytes)")
     if struct.unpack_from("<I", head)[0] == _MAGIC_V1:
-        raise ValueError(f"{path} is a llama2.c version>=1 export; only the legacy version 0 format is supported")
+        raise ValueError(
+            f"{path} is a llama2.c version>=1 export; only the legacy version 0 format is supported"
+        )
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = _HEADER.unpack(head)
     h = dict(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads)
     h.update(vocab_size=abs(vocab), seq_len=seq_len, tied=int(vocab > 0))
@@ -157,7 +158,7 @@ def hf_state_dict(h: dict[str, int], t: dict[str, np.ndarray]) -> dict[str, torc
 
 
 def find_tokenizer(folder: str | os.PathLike) -> Path:
-    """The tokenizer file in `folder`: a SentencePiece `*.model` if there is one, else a llama2.c `tok*.bin`."""
+    """The tokenizer in `folder`: a SentencePiece `*.model` if there is one, else a llama2.c `tok*.bin`."""
     folder = Path(folder)
     for pattern in ("*.model", "tok*.bin"):
         found = sorted(folder.glob(pattern))
@@ -198,7 +199,12 @@ def sentencepiece_tokenizer(path: str | os.PathLike) -> LlamaTokenizer:
     vocab = {p: i for i, p in enumerate(pieces)}
     merges = generate_merges(vocab, {p: sp.get_score(i) for i, p in enumerate(pieces)})
     tok = LlamaTokenizer(
-        vocab=vocab, merges=merges, pad_token="<unk>", add_bos_token=True, add_eos_token=False, split_special_tokens=True
+        vocab=vocab,
+        merges=merges,
+        pad_token="<unk>",
+        add_bos_token=True,
+        add_eos_token=False,
+        split_special_tokens=True,
     )
     backend = tok.backend_tokenizer
     # SentencePiece's remove_extra_whitespaces (on by default): only U+0020 counts, newlines are kept.
@@ -214,7 +220,7 @@ def sentencepiece_tokenizer(path: str | os.PathLike) -> LlamaTokenizer:
 
 
 class Llama2cTokenizer:
-    """llama2.c's tokenizer from its `tok*.bin` vocabulary, with the HF tokenizer calls that generation uses."""
+    """llama2.c's tokenizer from its `tok*.bin` vocabulary, with the HF tokenizer calls generation uses."""
 
     bos_token_id, eos_token_id, pad_token_id, unk_token_id = BOS_ID, EOS_ID, PAD_ID, 0
     bos_token, eos_token, pad_token, unk_token = "<s>", "</s>", "<unk>", "<unk>"
@@ -223,7 +229,9 @@ class Llama2cTokenizer:
     def __init__(self, pieces: list[bytes], scores: list[float]):
         self.pieces, self.scores = pieces, scores
         self.ids = {p: i for i, p in enumerate(pieces)}
-        self._byte = {i: int(m[1], 16) for i, p in enumerate(pieces) if (m := re.fullmatch(rb"<0x([0-9A-F]{2})>", p))}
+        self._byte = {
+            i: int(m[1], 16) for i, p in enumerate(pieces) if (m := re.fullmatch(rb"<0x([0-9A-F]{2})>", p))
+        }
         self._special = {0: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 
     @classmethod
@@ -261,7 +269,7 @@ class Llama2cTokenizer:
         toks = self._piece_id(b" ") if text else []
         for ch in text:
             toks += self._piece_id(ch.encode("utf-8", "surrogatepass"))
-        pairs = [self._pair_score(a, b) for a, b in zip(toks, toks[1:])]
+        pairs = [self._pair_score(a, b) for a, b in zip(toks, toks[1:], strict=False)]
         while pairs and (best := max(pairs)) > -np.inf:
             k = pairs.index(best)  # leftmost best pair, like llama2.c
             toks[k : k + 2] = [self.ids[self.pieces[toks[k]] + self.pieces[toks[k + 1]]]]
@@ -277,7 +285,7 @@ class Llama2cTokenizer:
         return -np.inf if i is None else self.scores[i]
 
     def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        """Text of `ids`; the dummy-prefix space of the first ordinary token is dropped, as SentencePiece does."""
+        """Text of `ids`; the dummy-prefix space of the first ordinary token is dropped (as SentencePiece)."""
         ids = ids.tolist() if torch.is_tensor(ids) else ids
         ids = [ids] if isinstance(ids, int) else ids
         out, first = [], True
@@ -309,6 +317,8 @@ class Llama2cTokenizer:
         **kwargs,
     ) -> BatchEncoding:
         """`input_ids` and `attention_mask`; `padding=True`/"longest"/"max_length" pads on the left with 0."""
+        if kwargs.get("truncation"):
+            raise ValueError("Llama2cTokenizer does not truncate; slice the ids instead")
         batch = [text] if isinstance(text, str) else list(text)
         ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in batch]
         if padding not in (False, True, "longest", "max_length", "do_not_pad"):

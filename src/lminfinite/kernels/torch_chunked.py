@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..rule import global_rule, local_rule
 
-_NEG = float("-inf")
+_NEG = torch.finfo(torch.float32).min  # finite: a padding query gets no NaN
 
 
 def _default_block(n_local: int, heads: int, band_extra: int) -> int:
@@ -71,9 +71,7 @@ def attention(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, sc
             gallowed = global_rule(qi, g_idx[:, None, :], n_global, n_local)
             gscores.masked_fill_(~gallowed[:, None, None], _NEG)
             scores = torch.cat([scores, gscores], dim=-1)
-        probs = torch.softmax(scores, dim=-1)
-        # Rows with no allowed key (padding queries) are NaN: zero them.
-        probs = probs.nan_to_num_(0.0).to(v.dtype)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
         ob = probs[..., : hi - lo].reshape(B, Hkv, rep * n, hi - lo) @ vb
         if has_global:
             ob = ob + probs[..., hi - lo :].reshape(B, Hkv, rep * n, S) @ vg

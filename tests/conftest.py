@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random models of each supported family, and the real assets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from lminfinite.assets import asset
+
+
+def tiny_config(family: str, **overrides):
+    """A small config of `family` with GQA (8 query heads, 2 kv heads) and a 32-token context."""
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32)
+    common.update(overrides)
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[family]
+    if family == "qwen3":
+        common.setdefault("head_dim", 8)
+    if family == "mistral":
+        common.setdefault("sliding_window", None)
+    return cls(**common)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(dtype).eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="session")
+def stories_path():
+    path = asset("models", "stories260K", "stories260K.bin")
+    if not path.exists():
+        pytest.skip(f"stories260K not found at {path} (set LMINFINITE_ASSETS)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories(stories_path):
+    from lminfinite.llama2c import load_llama2c
+
+    return load_llama2c(stories_path)

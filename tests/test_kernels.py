@@ -1,0 +1,81 @@
+"""Every kernel equals the naive O(n^2) reference on the same inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lminfinite.context import candidate_columns
+from lminfinite.kernels import get_kernel
+
+BACKENDS = ["torch"]
+
+
+def _inputs(B, H, Hkv, Tq, Tk, d, pads, G, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, d, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Tk, d, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Tk, d, generator=g).to(dtype)
+    valid = torch.ones(B, Tk, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        valid[b, :p] = False
+    k_idx = torch.where(valid, valid.long().cumsum(1) - 1, -1)
+    q_idx = k_idx[:, Tk - Tq :]
+    S = candidate_columns(k_idx, G)
+    qg = torch.randn(B, H, Tq, d, generator=g).to(dtype) if S else None
+    kg = torch.randn(B, Hkv, S, d, generator=g).to(dtype)
+    vg = v[:, :, :S]
+    return q, k, v, q_idx, k_idx, qg, kg, vg, k_idx[:, :S]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "G,L,block,n_mult",
+    [(4, 16, None, 8), (0, 16, 5, 8), (10, 13, 7, 8), (3, 24, 16, 3), (2, 1, 4, 20), (5, 16, 64, 1)],
+)
+def test_kernel_equals_naive(backend, G, L, block, n_mult):
+    n = n_mult * L
+    args = _inputs(2, 4, 2, n, n, 8, pads=[0, 0], G=G)
+    kw = dict(n_global=G, n_local=L, scaling=8**-0.5, block_size=block)
+    ref = get_kernel("naive")(*args, **kw)
+    out = get_kernel(backend)(*args, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Tq", [1, 7, 40])
+def test_kernel_with_cached_prefix_and_padding(backend, Tq):
+    """Queries at the end of longer keys (a cache), rows left-padded differently."""
+    Tk, G, L = 90, 4, 16
+    args = _inputs(3, 6, 3, Tq, Tk, 8, pads=[0, 5, 33], G=G)
+    kw = dict(n_global=G, n_local=L, scaling=0.3, block_size=6)
+    ref = get_kernel("naive")(*args, **kw)
+    out = get_kernel(backend)(*args, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    q_idx = args[3]
+    assert (out[(q_idx < 0)[:, None, :].expand_as(out[..., 0])] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_kernel_low_precision(backend, dtype, atol):
+    args = _inputs(2, 4, 1, 64, 64, 16, pads=[0, 3], G=3, dtype=dtype)
+    kw = dict(n_global=3, n_local=12, scaling=0.25, block_size=10)
+    ref = get_kernel("naive")(*[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
+    out = get_kernel(backend)(*args, **kw)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
+
+
+def test_softcap_matches_naive():
+    args = _inputs(1, 2, 1, 50, 50, 8, pads=[0], G=2)
+    kw = dict(n_global=2, n_local=9, scaling=1.0, block_size=8, softcap=5.0)
+    ref = get_kernel("naive")(*args, **kw)
+    torch.testing.assert_close(get_kernel("torch")(*args, **kw), ref, atol=1e-5, rtol=1e-5)
+    kw.pop("softcap")
+    assert (get_kernel("naive")(*args, **kw) - ref).abs().max() > 1e-3  # softcap changes the result
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_kernel("cuda-magic")

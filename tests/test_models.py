@@ -1,0 +1,197 @@
+"""enable() on real transformers architectures: agreement with the unmodified model, with the naive
+kernel, batching with left padding, RoPE scaling variants, dtypes and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import FAMILIES, tiny_model
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import lminfinite
+from lminfinite.positions import find_rope
+
+SCALINGS = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+def _scaled_model(kind, dtype=torch.float32):
+    params = SCALINGS[kind]
+    if params is None:
+        return tiny_model("llama", dtype=dtype)
+    rope = {"rope_theta": 10000.0, **params}
+    max_pos = 128 if "original_max_position_embeddings" in params else 32
+    return tiny_model("llama", dtype=dtype, rope_parameters=rope, max_position_embeddings=max_pos)
+
+
+def _logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_short_inputs_equal_unmodified_model(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 101, (2, 32))
+    ref = _logits(model, ids)
+    lminfinite.enable(model, n_global=4)
+    assert lminfinite.is_enabled(model)
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=0)
+    lminfinite.disable(model)
+    assert not lminfinite.is_enabled(model)
+    torch.testing.assert_close(_logits(model, ids), ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("G,L,D", [(4, 32, None), (0, 20, None), (3, 13, 9)])
+def test_long_inputs_torch_equals_naive(family, G, L, D):
+    model = tiny_model(family)
+    ids = torch.randint(0, 101, (2, 8 * L))
+    lminfinite.enable(model, n_global=G, n_local=L, limit_distance=D, backend="naive")
+    ref = _logits(model, ids)
+    lminfinite.enable(model, n_global=G, n_local=L, limit_distance=D, backend="torch", block_size=7)
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
+    lminfinite.disable(model)
+    assert (_logits(model, ids) - ref).abs().max() > 1e-2  # the unmodified model differs beyond L
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_left_padded_batch_equals_rows_alone(family):
+    model = tiny_model(family)
+    lminfinite.enable(model, n_global=3, n_local=16)
+    lengths = [100, 71, 5]
+    rows = [torch.randint(3, 101, (1, n)) for n in lengths]
+    T = max(lengths)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - r.shape[1] :] = r
+        mask[b, T - r.shape[1] :] = 1
+    batched = _logits(model, ids, mask)
+    assert torch.isfinite(batched).all()
+    for b, r in enumerate(rows):
+        alone = _logits(model, r)
+        torch.testing.assert_close(batched[b, T - r.shape[1] :], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_short_padded_batch_equals_unmodified_rows():
+    model = tiny_model("llama")
+    rows = [torch.randint(3, 101, (1, n)) for n in (32, 20)]
+    ids = torch.zeros(2, 32, dtype=torch.long)
+    mask = torch.zeros(2, 32, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, 32 - r.shape[1] :], mask[b, 32 - r.shape[1] :] = r, 1
+    refs = [_logits(model, r)[0] for r in rows]
+    lminfinite.enable(model, n_global=4)
+    out = _logits(model, ids, mask)
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(out[b, 32 - r.shape[1] :], refs[b], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(SCALINGS))
+def test_rope_scaling_variants(kind):
+    model = _scaled_model(kind)
+    ids = torch.randint(0, 101, (1, 32))
+    ref = _logits(model, ids)
+    lminfinite.enable(model, n_global=4)
+    assert model._lminfinite.config.n_local == 32  # original pretraining length where declared
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=0)
+    long_ids = torch.randint(0, 101, (1, 200))
+    lminfinite.enable(model, n_global=4, backend="naive")
+    ref_long = _logits(model, long_ids)
+    lminfinite.enable(model, n_global=4, backend="torch", block_size=9)
+    torch.testing.assert_close(_logits(model, long_ids), ref_long, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(SCALINGS))
+def test_rerotation_matches_model_rotary(kind):
+    """Re-rotating a query from position p to D equals the model's own rotary at D (attention
+    factors of yarn/llama3 applied once, not twice)."""
+    model = _scaled_model(kind)
+    rope = find_rope(model.model)
+    x = torch.randn(1, 2, 3, 8)
+    p, D = torch.tensor([[5, 17, 30]]), 20
+    cos_p, sin_p = model.model.rotary_emb(x, p)
+    cos_d, sin_d = model.model.rotary_emb(x, torch.full_like(p, D))
+    at_p, _ = apply_rotary_pos_emb(x, x, cos_p, sin_p)
+    at_d, _ = apply_rotary_pos_emb(x, x, cos_d, sin_d)
+    moved = rope.rotate(at_p, *rope.cos_sin(D - p))
+    torch.testing.assert_close(moved, at_d, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 0.15), (torch.float16, 2e-2)])
+def test_low_precision_models(dtype, atol):
+    model = tiny_model("llama", dtype=dtype)
+    ids = torch.randint(0, 101, (2, 160))
+    lminfinite.enable(model, n_global=4, backend="naive")
+    ref = _logits(model, ids).float()
+    lminfinite.enable(model, n_global=4, backend="torch", block_size=11)
+    out = _logits(model, ids)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
+
+
+def test_dynamic_rope_keeps_original_frequencies_beyond_L():
+    model = _scaled_model("dynamic")
+    original = model.model.rotary_emb.original_inv_freq.clone()
+    lminfinite.enable(model, n_global=4)
+    _logits(model, torch.randint(0, 101, (1, 150)))
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, original)
+
+
+def test_training_mode_backward():
+    model = tiny_model("llama").train()
+    lminfinite.enable(model, n_global=2, n_local=8)
+    ids = torch.randint(0, 101, (2, 50))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_enable_twice_is_idempotent_and_reconfigures():
+    model = tiny_model("llama")
+    lminfinite.enable(model, n_global=4, n_local=16)
+    lminfinite.enable(model, n_global=4, n_local=16)
+    assert len(model.model._forward_pre_hooks) == 1
+    lminfinite.enable(model, n_global=2, n_local=8)
+    assert model._lminfinite.config.n_local == 8
+    lminfinite.disable(model)
+    lminfinite.disable(model)
+    assert len(model.model._forward_pre_hooks) == 0
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("kwargs,error", [({"n_global": -1}, "n_global"), ({"n_local": 0}, "n_local"),
+                                          ({"backend": "tpu"}, "backend")])
+def test_bad_parameters(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        lminfinite.enable(tiny_model("llama"), **kwargs)
+
+
+def test_limit_distance_beyond_window_warns():
+    with pytest.warns(UserWarning, match="limit_distance"):
+        lminfinite.enable(tiny_model("llama"), n_local=16, limit_distance=20)
+
+
+@pytest.mark.parametrize("config_cls", [transformers.GPT2Config, transformers.OPTConfig])
+def test_absolute_position_models_refused(config_cls):
+    config = config_cls(vocab_size=50, n_embd=32, n_layer=1, n_head=2, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=32)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="relative positions"):
+        lminfinite.enable(model, n_local=16)
+
+
+def test_right_padding_refused():
+    model = lminfinite.enable(tiny_model("llama"), n_local=16)
+    with pytest.raises(ValueError, match="left padding"):
+        _logits(model, torch.ones(1, 5, dtype=torch.long), torch.tensor([[1, 1, 1, 0, 0]]))
