@@ -11,8 +11,15 @@ from lminfinite.assets import asset
 
 def tiny_config(family: str, **overrides):
     """A small config of `family` with GQA (8 query heads, 2 kv heads) and a 32-token context."""
-    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32)
+    common = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     common.update(overrides)
     cls = {
         "llama": transformers.LlamaConfig,

@@ -16,8 +16,13 @@ SCALINGS = {
     "default": None,
     "linear": {"rope_type": "linear", "factor": 2.0},
     "dynamic": {"rope_type": "dynamic", "factor": 2.0},
-    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
 }
 
@@ -170,8 +175,10 @@ def test_enable_twice_is_idempotent_and_reconfigures():
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("kwargs,error", [({"n_global": -1}, "n_global"), ({"n_local": 0}, "n_local"),
-                                          ({"backend": "tpu"}, "backend")])
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [({"n_global": -1}, "n_global"), ({"n_local": 0}, "n_local"), ({"backend": "tpu"}, "backend")],
+)
 def test_bad_parameters(kwargs, error):
     with pytest.raises(ValueError, match=error):
         lminfinite.enable(tiny_model("llama"), **kwargs)
@@ -184,8 +191,17 @@ def test_limit_distance_beyond_window_warns():
 
 @pytest.mark.parametrize("config_cls", [transformers.GPT2Config, transformers.OPTConfig])
 def test_absolute_position_models_refused(config_cls):
-    config = config_cls(vocab_size=50, n_embd=32, n_layer=1, n_head=2, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=32)
+    config = config_cls(
+        vocab_size=50,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        ffn_dim=32,
+        word_embed_proj_dim=32,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="relative positions"):
         lminfinite.enable(model, n_local=16)

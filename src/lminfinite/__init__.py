@@ -8,8 +8,20 @@ fine-tuning, in O(n) time and bounded memory.
 from .api import disable, enable, is_enabled
 from .cache import LambdaCache
 from .config import LambdaConfig
+from .scoring import prefill, score
+from .streaming import stream
 
-__all__ = ["enable", "disable", "is_enabled", "LambdaCache", "LambdaConfig", "load_llama2c"]
+__all__ = [
+    "enable",
+    "disable",
+    "is_enabled",
+    "LambdaCache",
+    "LambdaConfig",
+    "prefill",
+    "score",
+    "stream",
+    "load_llama2c",
+]
 __version__ = "0.1.0"
 
 

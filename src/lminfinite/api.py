@@ -18,8 +18,22 @@ from .positions import find_rope, install_rope_hooks
 
 # Architectures whose positions are absolute: LM-Infinite does not apply to them.
 ABSOLUTE_POSITION_TYPES = {
-    "gpt2", "opt", "bert", "roberta", "gpt_bigcode", "biogpt", "xglm", "ctrl", "transfo-xl", "distilbert",
-    "electra", "xlm", "openai-gpt", "gpt_neo", "codegen", "imagegpt",
+    "gpt2",
+    "opt",
+    "bert",
+    "roberta",
+    "gpt_bigcode",
+    "biogpt",
+    "xglm",
+    "ctrl",
+    "transfo-xl",
+    "distilbert",
+    "electra",
+    "xlm",
+    "openai-gpt",
+    "gpt_neo",
+    "codegen",
+    "imagegpt",
 }
 
 
@@ -30,7 +44,9 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 
 def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
-    return [m for m in decoder.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+    return [
+        m for m in decoder.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")
+    ]
 
 
 def _check_architecture(model: nn.Module, rope) -> None:
@@ -45,7 +61,9 @@ def _check_architecture(model: nn.Module, rope) -> None:
             f"{type(model).__name__} ({model_type}) has no rotary embedding that lminfinite recognises; "
             "LM-Infinite needs relative positions (RoPE or ALiBi)"
         )
-    if not getattr(model, "_supports_attention_backend", False) and not getattr(model, "_supports_sdpa", False):
+    if not getattr(model, "_supports_attention_backend", False) and not getattr(
+        model, "_supports_sdpa", False
+    ):
         raise ValueError(
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
             "so lminfinite cannot plug into it"
@@ -59,6 +77,7 @@ def enable(
     limit_distance: int | None = None,
     backend: str = "auto",
     block_size: int | None = None,
+    sink_positions: str = "zero",
 ) -> nn.Module:
     """Switch `model` to LM-Infinite's Λ-attention in place and return it.
 
@@ -66,12 +85,19 @@ def enable(
     n_local: local window (default: the model's pretraining length from its config).
     limit_distance: distance at which the starting tokens are seen (default `n_local`).
     backend: "auto", "torch" (chunked), "naive" (O(n^2) reference) or "flex".
+    sink_positions: "zero" (LM-Infinite) or "own" (StreamingLLM-style sinks, a baseline).
     Calling it again reconfigures; training mode is allowed (the kernels are differentiable).
     """
     if n_local is None:
         n_local = pretraining_length(model.config)
-    config = LambdaConfig(n_global=n_global, n_local=n_local, limit_distance=limit_distance, backend=backend,
-                          block_size=block_size)
+    config = LambdaConfig(
+        n_global=n_global,
+        n_local=n_local,
+        limit_distance=limit_distance,
+        backend=backend,
+        block_size=block_size,
+        sink_positions=sink_positions,
+    )
     if getattr(model, "_lminfinite", None) is not None:
         disable(model)
     decoder = _decoder(model)

@@ -58,14 +58,24 @@ def lambda_attention_forward(
     if S > 0 and state.rope is not None:
         (qcos, qsin), (gcos, gsin) = ctx.global_rotations(state.rope, cfg.limit_distance, device)
         qg = state.rope.rotate(query, qcos, qsin)
-        kg = state.rope.rotate(key[:, :, :S], gcos, gsin)
+        kg = key[:, :, :S] if cfg.sink_positions == "own" else state.rope.rotate(key[:, :, :S], gcos, gsin)
         vg, g_idx = value[:, :, :S], k_idx[:, :S]
     kernel = get_kernel(resolve_backend(cfg.backend, device))
     out = kernel(
-        query, key, value, q_idx, k_idx, qg, kg, vg, g_idx,
-        n_global=cfg.n_global, n_local=cfg.n_local,
+        query,
+        key,
+        value,
+        q_idx,
+        k_idx,
+        qg,
+        kg,
+        vg,
+        g_idx,
+        n_global=cfg.n_global,
+        n_local=cfg.n_local,
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
-        softcap=kwargs.get("softcap"), block_size=cfg.block_size,
+        softcap=kwargs.get("softcap"),
+        block_size=cfg.block_size,
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -9,7 +9,7 @@ Bounded positions. Keys are stored rotated (RoPE) at model positions `p = t - ba
 counts a row's real tokens and `base` is a shared offset. When the next position would pass
 `2 * n_local` (and every row is far enough that its starting tokens are only seen through the
 global branch), `base` moves forward to `min(seen) - n_local` and the stored window keys are
-rotated back by the shift, once. Starting keys keep `base = 0` forever (the global branch
+rotated back by the shift. Each row's starting keys keep `base = 0` forever (the global branch
 re-rotates them from their own small positions), so no key is rotated more than a handful of
 times, and the positions given to RoPE stay below `2 * n_local + chunk length` for any stream.
 """
@@ -40,9 +40,7 @@ class LambdaLayer(DynamicLayer):
             raise RuntimeError("LambdaCache.update called outside a forward of an lminfinite-enabled model")
         keys, values = self.keys, self.values
         if plan["shift"] and keys.numel():
-            n_sink = plan["stored_sink"]
-            window = plan["rope"].rotate(keys[:, :, n_sink:], *plan["shift_cos_sin"](keys.device))
-            keys = torch.cat([keys[:, :, :n_sink], window], dim=-2)
+            keys = plan["rope"].rotate(keys, *plan["shift_cos_sin"](keys.device))
         full_k = torch.cat([keys, key_states], dim=-2)
         full_v = torch.cat([values, value_states], dim=-2)
         keep = plan["keep"]
@@ -82,8 +80,6 @@ class LambdaCache(Cache):
         self.tok: torch.Tensor | None = None  # (batch, stored columns) token index, -1 = padding
         self.seen: torch.Tensor | None = None  # (batch,) real tokens seen per row
         self.base = 0  # positions given to RoPE are token index - base (window) or token index (sinks)
-        self.n_sink = 0  # stored columns that hold some row's starting tokens (they come first)
-        self.sink_max_tok = 0  # largest token index stored in a sink column (any row)
         self._columns = 0  # columns seen (padding included), what generate() slices by
         self._plan: dict | None = None
 
@@ -99,7 +95,9 @@ class LambdaCache(Cache):
     def position_bound(self) -> int:
         return 2 * self.n_local
 
-    def begin(self, valid: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def begin(
+        self, valid: torch.Tensor, rope: Rope | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Plan the layout for a forward of new columns with padding mask `valid` (batch, q_len).
 
         Returns the new tokens' indices, their RoPE positions, and the indices of all key columns
@@ -118,34 +116,32 @@ class LambdaCache(Cache):
 
         shift = 0
         if rope is not None and B and Tq:
-            # Every stored sink column must be out of every new query's window before re-basing.
-            far_enough = int(seen.min()) - self.sink_max_tok >= L
+            # Every starting token must be out of every new query's window before re-basing.
+            far_enough = int(seen.min()) >= G + L - 1
             if far_enough and int(new_seen.max()) - 1 - self.base > self.position_bound:
                 shift = max(0, int(seen.min()) - L - self.base)
-        stored_sink = self.n_sink
+        old_tok = self.tok.to(device)
         self.base += shift
         q_pos = (q_idx - self.base).clamp(min=0)
 
-        full_tok = torch.cat([self.tok.to(device), q_idx], dim=1)
+        full_tok = torch.cat([old_tok, q_idx], dim=1)
         total = full_tok.shape[1]
         sink = ((full_tok >= 0) & (full_tok < G)).any(0)
         keep_mask = sink.clone()
         if L > 1:
-            keep_mask[max(0, total - (L - 1)):] = True
+            keep_mask[max(0, total - (L - 1)) :] = True
         keep = None if bool(keep_mask.all()) else keep_mask.nonzero().squeeze(1)
         self.tok = full_tok if keep is None else full_tok.index_select(1, keep)
-        self.n_sink = int(sink.sum())
-        if self.n_sink:
-            self.sink_max_tok = int(full_tok[:, sink].max())
         self.seen = new_seen
         self._columns += Tq
 
-        def shift_cos_sin(dev, _s=shift):
-            cos, sin = rope.cos_sin(torch.full((1, 1), -_s, device=dev))
-            return cos, sin
+        # Stored keys move to the new base, except each row's starting tokens (they stay at t).
+        delta = torch.where(old_tok >= G, -shift, 0)
 
-        self._plan = {"shift": shift, "stored_sink": stored_sink, "keep": keep, "rope": rope,
-                      "shift_cos_sin": shift_cos_sin}
+        def shift_cos_sin(dev):
+            return rope.cos_sin(delta.to(dev))
+
+        self._plan = {"shift": shift, "keep": keep, "rope": rope, "shift_cos_sin": shift_cos_sin}
         return q_idx, q_pos, full_tok
 
     def check_compatible(self, n_global: int, n_local: int, num_layers: int, owner: int) -> None:
@@ -183,7 +179,7 @@ class LambdaCache(Cache):
     def reset(self):
         super().reset()
         self.tok = self.seen = self._plan = None
-        self.base = self.n_sink = self.sink_max_tok = self._columns = 0
+        self.base = self._columns = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -192,5 +188,9 @@ class LambdaCache(Cache):
 
     def memory_bytes(self) -> int:
         """Bytes held by the stored keys and values of all layers."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values)
-                   if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self.layers
+            for t in (layer.keys, layer.values)
+            if t is not None
+        )

@@ -22,6 +22,8 @@ class LambdaConfig:
     limit_distance: the distance `D` at which the starting tokens are seen once outside the window.
     backend: "auto", "naive" (O(n^2) reference), "torch" (chunked, CPU/GPU) or "flex" (FlexAttention).
     block_size: queries per block in the chunked kernel (None: chosen from `n_local`).
+    sink_positions: "zero" (LM-Infinite: every starting key at position 0, so at distance D) or
+        "own" (StreamingLLM-style attention sinks: starting key j keeps position j, distance D - j).
     """
 
     n_global: int = 10
@@ -29,6 +31,7 @@ class LambdaConfig:
     limit_distance: int | None = None
     backend: str = "auto"
     block_size: int | None = None
+    sink_positions: str = "zero"
 
     def __post_init__(self) -> None:
         for name in ("n_global", "n_local"):
@@ -52,6 +55,8 @@ class LambdaConfig:
             )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.sink_positions not in ("zero", "own"):
+            raise ValueError(f"sink_positions must be 'zero' or 'own', got {self.sink_positions!r}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
@@ -66,8 +71,14 @@ def pretraining_length(config) -> int:
         for params in candidates:
             if params.get("original_max_position_embeddings"):
                 return int(params["original_max_position_embeddings"])
-    for name in ("original_max_position_embeddings", "max_position_embeddings", "n_positions", "max_seq_len",
-                 "seq_length", "n_ctx"):
+    for name in (
+        "original_max_position_embeddings",
+        "max_position_embeddings",
+        "n_positions",
+        "max_seq_len",
+        "seq_length",
+        "n_ctx",
+    ):
         value = getattr(text_config, name, None)
         if isinstance(value, int) and value > 0:
             return value

@@ -38,7 +38,10 @@ class ForwardContext:
         """(cos, sin) moving queries to position D, and (cos, sin) moving starting keys to 0."""
         if device not in self._rotations:
             q_pos, g_idx = self.q_pos.to(device), self.k_idx[:, : self.n_candidates].to(device)
-            self._rotations[device] = (rope.cos_sin(limit_distance - q_pos), rope.cos_sin(-g_idx.clamp(min=0)))
+            self._rotations[device] = (
+                rope.cos_sin(limit_distance - q_pos),
+                rope.cos_sin(-g_idx.clamp(min=0)),
+            )
         return self._rotations[device]
 
 

@@ -10,8 +10,9 @@ import torch
 from ..rule import global_rule, local_rule
 
 
-def attention(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None,
-              block_size=None) -> torch.Tensor:
+def attention(
+    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None, block_size=None
+) -> torch.Tensor:
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
     scores = (q.float() @ k.transpose(-1, -2)) * scaling

@@ -31,8 +31,9 @@ def _is_plain_causal(q_idx, k_idx, n_local) -> bool:
     return bool((k_idx[:, 0] == 0).all() and (k_idx[:, -1] < n_local).all() and (k_idx >= 0).all())
 
 
-def attention(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None,
-              block_size=None) -> torch.Tensor:
+def attention(
+    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None, block_size=None
+) -> torch.Tensor:
     B, H, Tq, _ = q.shape
     Hkv, Tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     rep = H // Hkv

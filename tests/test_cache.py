@@ -1,0 +1,212 @@
+"""LambdaCache: chunked feeding equals one Λ forward, cached generation equals recomputation,
+positions stay bounded, memory stays constant, generate()/stream() and the errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import DynamicCache, TextIteratorStreamer
+
+import lminfinite
+from lminfinite import LambdaCache
+
+G, L = 3, 16
+
+
+def _padded(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n :] = torch.randint(3, 101, (n,), generator=g)
+        mask[b, T - n :] = 1
+    return ids, mask
+
+
+def _chunked_logits(model, ids, mask, chunk):
+    cache = LambdaCache.for_model(model)
+    outs = []
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], chunk):
+            e = min(s + chunk, ids.shape[1])
+            m = None if mask is None else mask[:, :e]
+            outs.append(model(input_ids=ids[:, s:e], attention_mask=m, cache=cache).logits)
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, L, 3 * L])
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_feeding_equals_one_forward(chunk, padded):
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    ids, mask = _padded([230, 170, 95] if padded else [230])
+    mask = mask if padded else None
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    out, cache = _chunked_logits(model, ids, mask, chunk)
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
+    assert cache.base > 0  # the stream crossed re-basings
+    assert cache.layers[0].keys.shape[-2] <= G * ids.shape[0] + L - 1
+
+
+def test_cached_greedy_generation_equals_naive_recomputation():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    prompt = torch.randint(3, 101, (1, 20))
+    out = model.generate(prompt, max_new_tokens=3 * L, do_sample=False, pad_token_id=0)
+    assert isinstance(out, torch.Tensor) and out.shape[1] == 20 + 3 * L
+    lminfinite.enable(model, n_global=G, n_local=L, backend="naive")
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(3 * L):
+            nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_uses_lambda_cache_and_bounded_memory():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    res = model.generate(
+        torch.randint(3, 101, (2, 40)),
+        max_new_tokens=100,
+        do_sample=True,
+        top_k=5,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+    )
+    assert isinstance(res.cache, LambdaCache)
+    assert res.cache.layers[0].keys.shape[-2] == G + L - 1
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(3, 101, (1, 50)))
+    assert isinstance(out.cache, LambdaCache)
+
+
+def test_beam_search_and_left_padded_batch_generation():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    ids, mask = _padded([30, 12])
+    beams = model.generate(
+        ids, attention_mask=mask, max_new_tokens=2 * L, num_beams=3, do_sample=False, pad_token_id=0
+    )
+    assert beams.shape == (2, 30 + 2 * L)
+    # Each row of a padded batch generates what it generates alone.
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=2 * L, do_sample=False, pad_token_id=0)
+    alone = model.generate(ids[1:, 18:], max_new_tokens=2 * L, do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy[1, 18:], alone[0])
+
+
+def _last_logits_through_cache(model, parts, skip=0):
+    cache = LambdaCache.for_model(model)
+    positions = []
+    hook = model.model.rotary_emb.register_forward_pre_hook(
+        lambda m, a, kw: positions.append(int(kw["position_ids"].max())), with_kwargs=True
+    )
+    with torch.no_grad():
+        for i, part in enumerate(parts):
+            for s in range(0, part.shape[1], 5):
+                out = model(input_ids=part[:, s : s + 5], cache=cache).logits[:, -1]
+            if i == 0 and skip:
+                cache.seen += skip  # as if `skip` tokens had gone by between the parts
+    hook.remove()
+    return out, max(positions), cache
+
+
+def test_positions_stay_bounded_and_far_streams_equal_near_ones():
+    """1-layer model: the last query sees the starting tokens and its window only, so its logits
+    must not depend on how far the stream has run, even 10^8 tokens (float32 spacing there is 8)."""
+    model = lminfinite.enable(tiny_model("llama", num_hidden_layers=1), n_global=G, n_local=L)
+    g = torch.Generator().manual_seed(1)
+    start, tail = torch.randint(3, 101, (1, G), generator=g), torch.randint(3, 101, (1, L), generator=g)
+    near, _, _ = _last_logits_through_cache(model, [start, tail])
+    middle = torch.randint(3, 101, (1, 37 * L), generator=g)
+    far, max_pos, cache = _last_logits_through_cache(model, [start, middle, tail])
+    torch.testing.assert_close(far, near, atol=1e-5, rtol=1e-5)
+    assert max_pos < 2 * L + 5 and cache.base > 30 * L
+    very_far, max_pos, cache = _last_logits_through_cache(model, [start, middle, tail], skip=10**8)
+    torch.testing.assert_close(very_far, near, atol=1e-5, rtol=1e-5)
+    assert max_pos < 2 * L + 5 and cache.base > 10**8
+    lminfinite.disable(model)
+    with torch.no_grad():
+        vanilla_far = model(input_ids=torch.cat([start, middle, tail], 1)).logits[:, -1]
+        vanilla_near = model(input_ids=torch.cat([start, tail], 1)).logits[:, -1]
+    assert (vanilla_far - vanilla_near).abs().max() > 1e-2  # the distance cap is what makes them equal
+
+
+def test_memory_is_constant_in_stream_length():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    sizes = []
+    for n in (10 * L, 60 * L):
+        cache = lminfinite.prefill(model, torch.randint(3, 101, (1, n)), chunk_size=L)
+        sizes.append(cache.memory_bytes())
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_score_matches_full_forward_and_marks_padding():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    ids, mask = _padded([150, 90])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    nll = lminfinite.score(model, ids, attention_mask=mask, chunk_size=23)
+    assert nll.shape == (2, 149)
+    assert torch.isnan(nll[1, :60]).all() and not torch.isnan(nll[1, 60:]).any()
+    ok = ~torch.isnan(nll)
+    torch.testing.assert_close(nll[ok], ref[ok], atol=1e-4, rtol=1e-4)
+    # unmodified model: exact vanilla scoring with a growing cache
+    lminfinite.disable(model)
+    with torch.no_grad():
+        vlogits = model(input_ids=ids[:1], use_cache=False).logits
+    vref = torch.nn.functional.cross_entropy(vlogits[0, :-1], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(lminfinite.score(model, ids[:1], chunk_size=40)[0], vref, atol=1e-4, rtol=1e-4)
+
+
+def test_errors_and_empty_inputs():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    other = LambdaCache(G + 1, L, 2)
+    with pytest.raises(ValueError, match="n_global"):
+        model(input_ids=torch.ones(1, 3, dtype=torch.long), cache=other)
+    with pytest.raises(ValueError, match="layers"):
+        model(input_ids=torch.ones(1, 3, dtype=torch.long), cache=LambdaCache(G, L, 5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        lminfinite.score(model, torch.ones(1, 10, dtype=torch.long), chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        lminfinite.prefill(model, torch.ones(1, 10, dtype=torch.long), chunk_size=-3)
+    filled = DynamicCache()
+    filled.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
+    with pytest.raises(ValueError, match="LambdaCache"):
+        model(input_ids=torch.ones(1, 3, dtype=torch.long), cache=filled)
+    assert lminfinite.score(model, torch.ones(1, 0, dtype=torch.long)).shape == (1, 0)
+    assert lminfinite.prefill(model, torch.ones(1, 0, dtype=torch.long)).get_seq_length() == 0
+    # a cache filled by one model is refused by another
+    cache = lminfinite.prefill(model, torch.ones(1, 5, dtype=torch.long))
+    model2 = lminfinite.enable(tiny_model("llama", seed=1), n_global=G, n_local=L)
+    with pytest.raises(ValueError, match="another model"):
+        model2(input_ids=torch.ones(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_stream_keeps_its_cache_across_turns(stories):
+    model, tok = stories
+    lminfinite.enable(model, n_global=10, n_local=512)
+    cache = LambdaCache.for_model(model)
+    first = "".join(lminfinite.stream(model, tok, "Once upon a time", cache=cache, max_new_tokens=30))
+    assert first.startswith(", there was a little girl named Lily")
+    seen = cache.get_seq_length()
+    assert seen == len(tok.encode("Once upon a time")) + 30
+    second = "".join(lminfinite.stream(model, tok, " Then", cache=cache, max_new_tokens=20))
+    assert second and cache.get_seq_length() == seen + len(tok.encode(" Then", add_special_tokens=False)) + 20
+    lminfinite.disable(model)
+
+
+def test_text_iterator_streamer(stories):
+    model, tok = stories
+    lminfinite.enable(model, n_global=10, n_local=512)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    ids = tok("Once upon a time", return_tensors="pt")
+    thread = threading.Thread(target=model.generate, kwargs=dict(**ids, max_new_tokens=20, streamer=streamer))
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert "Lily" in text
+    lminfinite.disable(model)
