@@ -87,9 +87,7 @@ def test_generate_uses_lambda_cache_and_bounded_memory():
 def test_beam_search_and_left_padded_batch_generation():
     model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
     ids, mask = _padded([30, 12])
-    beams = model.generate(
-        ids, attention_mask=mask, max_new_tokens=2 * L, num_beams=3, do_sample=False, pad_token_id=0
-    )
+    beams = model.generate(ids, attention_mask=mask, max_new_tokens=2 * L, num_beams=3, do_sample=False, pad_token_id=0)
     assert beams.shape == (2, 30 + 2 * L)
     # Each row of a padded batch generates what it generates alone.
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=2 * L, do_sample=False, pad_token_id=0)

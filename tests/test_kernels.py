@@ -61,9 +61,7 @@ def test_kernel_with_cached_prefix_and_padding(backend, Tq):
 def test_kernel_low_precision(backend, dtype, atol):
     args = _inputs(2, 4, 1, 64, 64, 16, pads=[0, 3], G=3, dtype=dtype)
     kw = dict(n_global=3, n_local=12, scaling=0.25, block_size=10)
-    ref = get_kernel("naive")(
-        *[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw
-    )
+    ref = get_kernel("naive")(*[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
     out = get_kernel(backend)(*args, **kw)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)

@@ -148,9 +148,7 @@ def test_bad_files_raise_clear_errors(tmp_path):
     shutil.copy(STORIES, tmp_path / "model.bin")
     with pytest.raises(FileNotFoundError, match="no tokenizer beside the checkpoint"):
         load_llama2c(tmp_path / "model.bin")
-    model, tok = load_llama2c(
-        tmp_path / "model.bin", tokenizer=STORIES.parent / "tok512.bin", dtype=torch.bfloat16
-    )
+    model, tok = load_llama2c(tmp_path / "model.bin", tokenizer=STORIES.parent / "tok512.bin", dtype=torch.bfloat16)
     assert isinstance(tok, Llama2cTokenizer) and model.lm_head.weight.dtype == torch.bfloat16
 
 

@@ -44,9 +44,7 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 
 def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
-    return [
-        m for m in decoder.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")
-    ]
+    return [m for m in decoder.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
 
 
 def _check_architecture(model: nn.Module, rope) -> None:
@@ -61,9 +59,7 @@ def _check_architecture(model: nn.Module, rope) -> None:
             f"{type(model).__name__} ({model_type}) has no rotary embedding that lminfinite recognises; "
             "LM-Infinite needs relative positions (RoPE or ALiBi)"
         )
-    if not getattr(model, "_supports_attention_backend", False) and not getattr(
-        model, "_supports_sdpa", False
-    ):
+    if not getattr(model, "_supports_attention_backend", False) and not getattr(model, "_supports_sdpa", False):
         raise ValueError(
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
             "so lminfinite cannot plug into it"

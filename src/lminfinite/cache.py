@@ -95,9 +95,7 @@ class LambdaCache(Cache):
     def position_bound(self) -> int:
         return 2 * self.n_local
 
-    def begin(
-        self, valid: torch.Tensor, rope: Rope | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def begin(self, valid: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Plan the layout for a forward of new columns with padding mask `valid` (batch, q_len).
 
         Returns the new tokens' indices, their RoPE positions, and the indices of all key columns
@@ -189,8 +187,5 @@ class LambdaCache(Cache):
     def memory_bytes(self) -> int:
         """Bytes held by the stored keys and values of all layers."""
         return sum(
-            t.numel() * t.element_size()
-            for layer in self.layers
-            for t in (layer.keys, layer.values)
-            if t is not None
+            t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values) if t is not None
         )

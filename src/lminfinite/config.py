@@ -82,6 +82,4 @@ def pretraining_length(config) -> int:
         value = getattr(text_config, name, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise ValueError(
-        "cannot tell the model's pretraining length from its config; pass n_local explicitly to enable()"
-    )
+    raise ValueError("cannot tell the model's pretraining length from its config; pass n_local explicitly to enable()")

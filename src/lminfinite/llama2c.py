@@ -41,9 +41,7 @@ def load_llama2c(
     header, tensors = read_checkpoint(path)
     tok = load_tokenizer(tokenizer if tokenizer is not None else find_tokenizer(path.parent))
     if len(tok) != header["vocab_size"]:
-        raise ValueError(
-            f"tokenizer has {len(tok)} tokens, checkpoint {path} has vocab {header['vocab_size']}"
-        )
+        raise ValueError(f"tokenizer has {len(tok)} tokens, checkpoint {path} has vocab {header['vocab_size']}")
     config = llama_config(header)
     model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.load_state_dict(hf_state_dict(header, tensors), strict=True)  # copies (and casts) into place
@@ -63,9 +61,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, 
     if len(head) < _HEADER.size:
         raise ValueError(f"{path} is {size} bytes, too short for a llama2.c header ({_HEADER.size} bytes)")
     if struct.unpack_from("<I", head)[0] == _MAGIC_V1:
-        raise ValueError(
-            f"{path} is a llama2.c version>=1 export; only the legacy version 0 format is supported"
-        )
+        raise ValueError(f"{path} is a llama2.c version>=1 export; only the legacy version 0 format is supported")
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = _HEADER.unpack(head)
     h = dict(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads)
     h.update(vocab_size=abs(vocab), seq_len=seq_len, tied=int(vocab > 0))
@@ -229,9 +225,7 @@ class Llama2cTokenizer:
     def __init__(self, pieces: list[bytes], scores: list[float]):
         self.pieces, self.scores = pieces, scores
         self.ids = {p: i for i, p in enumerate(pieces)}
-        self._byte = {
-            i: int(m[1], 16) for i, p in enumerate(pieces) if (m := re.fullmatch(rb"<0x([0-9A-F]{2})>", p))
-        }
+        self._byte = {i: int(m[1], 16) for i, p in enumerate(pieces) if (m := re.fullmatch(rb"<0x([0-9A-F]{2})>", p))}
         self._special = {0: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 
     @classmethod

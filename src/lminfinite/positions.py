@@ -61,7 +61,7 @@ class Rope:
 
 def find_rope(model: nn.Module) -> Rope | None:
     """The model's rotary embedding, or None when it has none."""
-    for name, module in model.named_modules():
+    for module in model.modules():
         if hasattr(module, "inv_freq") and isinstance(module.inv_freq, torch.Tensor):
             style = "interleaved" if "gptj" in type(module).__name__.lower() else "half"
             return Rope(rotary=module, style=style)

@@ -38,9 +38,7 @@ def _check_ids(input_ids, attention_mask):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a 2D tensor (batch, length)")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
-        )
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
 
 
 def prefill(
@@ -73,9 +71,7 @@ def prefill(
     return cache
 
 
-def score(
-    model: nn.Module, input_ids, attention_mask=None, chunk_size: int | None = 4096, progress: bool = False
-):
+def score(model: nn.Module, input_ids, attention_mask=None, chunk_size: int | None = 4096, progress: bool = False):
     """Per-token negative log-likelihood (nats) of `input_ids[:, 1:]`, shape (batch, n - 1).
 
     The input is fed in chunks through a cache (a LambdaCache when the model is enabled), and only
