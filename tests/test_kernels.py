@@ -6,9 +6,21 @@ import pytest
 import torch
 
 from lminfinite.context import candidate_columns
-from lminfinite.kernels import get_kernel
+from lminfinite.kernels import get_kernel, torch_chunked
 
-BACKENDS = ["torch"]
+# "torch" takes its fused band path where it can; "torch-masked" forces its masked path.
+BACKENDS = ["torch", "torch-masked"]
+
+
+@pytest.fixture
+def kernel(request, monkeypatch):
+    def get(name):
+        if name == "torch-masked":
+            monkeypatch.setattr(torch_chunked, "_FUSED", None)
+            name = "torch"
+        return get_kernel(name)
+
+    return get
 
 
 def _inputs(B, H, Hkv, Tq, Tk, d, pads, G, dtype=torch.float32, seed=0):
@@ -33,38 +45,48 @@ def _inputs(B, H, Hkv, Tq, Tk, d, pads, G, dtype=torch.float32, seed=0):
     "G,L,block,n_mult",
     [(4, 16, None, 8), (0, 16, 5, 8), (10, 13, 7, 8), (3, 24, 16, 3), (2, 1, 4, 20), (5, 16, 64, 1)],
 )
-def test_kernel_equals_naive(backend, G, L, block, n_mult):
+def test_kernel_equals_naive(kernel, backend, G, L, block, n_mult):
     n = n_mult * L
     args = _inputs(2, 4, 2, n, n, 8, pads=[0, 0], G=G)
     kw = dict(n_global=G, n_local=L, scaling=8**-0.5, block_size=block)
     ref = get_kernel("naive")(*args, **kw)
-    out = get_kernel(backend)(*args, **kw)
+    out = kernel(backend)(*args, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("Tq", [1, 7, 40])
-def test_kernel_with_cached_prefix_and_padding(backend, Tq):
-    """Queries at the end of longer keys (a cache), rows left-padded differently."""
+@pytest.mark.parametrize("pads", [[0, 5, 33], [0, 0, 0]])
+def test_kernel_with_cached_prefix_and_padding(kernel, backend, Tq, pads):
+    """Queries at the end of longer keys (a cache), rows left-padded differently or not at all."""
     Tk, G, L = 90, 4, 16
-    args = _inputs(3, 6, 3, Tq, Tk, 8, pads=[0, 5, 33], G=G)
+    args = _inputs(3, 6, 3, Tq, Tk, 8, pads=pads, G=G)
     kw = dict(n_global=G, n_local=L, scaling=0.3, block_size=6)
     ref = get_kernel("naive")(*args, **kw)
-    out = get_kernel(backend)(*args, **kw)
+    out = kernel(backend)(*args, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     q_idx = args[3]
     assert (out[(q_idx < 0)[:, None, :].expand_as(out[..., 0])] == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pads", [[0, 0], [0, 3]])
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
-def test_kernel_low_precision(backend, dtype, atol):
-    args = _inputs(2, 4, 1, 64, 64, 16, pads=[0, 3], G=3, dtype=dtype)
+def test_kernel_low_precision(kernel, backend, pads, dtype, atol):
+    args = _inputs(2, 4, 1, 64, 64, 16, pads=pads, G=3, dtype=dtype)
     kw = dict(n_global=3, n_local=12, scaling=0.25, block_size=10)
     ref = get_kernel("naive")(*[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
-    out = get_kernel(backend)(*args, **kw)
+    out = kernel(backend)(*args, **kw)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
+
+
+def test_band_path_is_taken_for_contiguous_keys(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch_chunked, "_band_path", lambda *a: calls.append(1) or a[0])
+    get_kernel("torch")(*_inputs(1, 2, 1, 50, 50, 8, pads=[0], G=2), n_global=2, n_local=9, scaling=1.0)
+    get_kernel("torch")(*_inputs(2, 2, 1, 50, 50, 8, pads=[0, 4], G=2), n_global=2, n_local=9, scaling=1.0)
+    assert calls == [1]
 
 
 def test_softcap_matches_naive():

@@ -1,11 +1,19 @@
 """The chunked PyTorch kernel: O(n·(G+L)) time and memory, exact.
 
-Queries are taken in blocks. A block of queries reads only the keys of its band (the `L - 1`
-columns before it and its own columns) for the local branch, and the `S` candidate starting keys
-for the global branch. Both branches' scores go through one softmax (concatenated), so the result
-equals the naive kernel's up to float rounding. Grouped-query attention reads each kv head once
-(no `repeat_kv` copy). When every key lies inside every query's window (inputs no longer than
-`L`, no padding), it is plain causal attention and goes to `scaled_dot_product_attention`.
+Queries are taken in blocks; a block reads only the keys of its band (the `L - 1` key columns
+before it and its own) for the local branch, and the `S` candidate starting keys for the global
+branch. Two paths compute the same thing:
+
+- Band path (CPU, contiguous keys: no padding, no gap in the band). The band of a block
+  [s, e) splits into three pieces that need no mask: its own keys (causal), the keys every query
+  of the block sees (a full rectangle), and the oldest keys (an anti-causal triangle, which is
+  causal once queries and keys are flipped). Each piece runs in PyTorch's fused CPU attention,
+  which returns its log-sum-exp; the pieces and the global branch merge exactly by log-sum-exp.
+- Masked path (anything else: padded rows, softcapping, other devices). Scores of the band and of
+  the starting keys are concatenated, the Λ rule masks them, one softmax.
+
+Inputs no longer than `L` without padding are plain causal attention and go to
+`scaled_dot_product_attention` directly. Grouped-query attention never copies the whole cache.
 """
 
 from __future__ import annotations
@@ -16,12 +24,7 @@ import torch.nn.functional as F
 from ..rule import global_rule, local_rule
 
 _NEG = torch.finfo(torch.float32).min  # finite: a padding query gets no NaN
-
-
-def _default_block(n_local: int, heads: int, band_extra: int) -> int:
-    # About 32M float32 scores per block at most, and a block no longer than the window.
-    budget = 32 * 2**20 // max(1, heads * (n_local + band_extra))
-    return max(16, min(n_local, budget))
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _is_plain_causal(q_idx, k_idx, n_local) -> bool:
@@ -31,19 +34,118 @@ def _is_plain_causal(q_idx, k_idx, n_local) -> bool:
     return bool((k_idx[:, 0] == 0).all() and (k_idx[:, -1] < n_local).all() and (k_idx >= 0).all())
 
 
-def attention(
-    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None, block_size=None
-) -> torch.Tensor:
+def _contiguous_from(k_idx, q_idx, n_local, n_candidates) -> int | None:
+    """First key column of a gap-free, padding-free run of tokens (same in every row) that holds every
+    key any query needs locally; None when the keys are not laid out so."""
+    B, Tk = k_idx.shape
+    for c0 in dict.fromkeys((0, n_candidates)):
+        if c0 >= Tk:
+            continue
+        tail = k_idx[:, c0:]
+        expected = tail[:1, :1] + torch.arange(Tk - c0, device=k_idx.device)
+        if not bool((tail == expected).all()):
+            continue
+        if c0 == 0 or int(q_idx.min()) - n_local + 1 >= int(tail[0, 0]):
+            return c0
+    return None
+
+
+def attention(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None,
+              block_size=None) -> torch.Tensor:
+    Tq, rep = q.shape[2], q.shape[1] // k.shape[1]
+    if softcap is None and _is_plain_causal(q_idx, k_idx, n_local):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=rep > 1)
+    has_global = qg is not None and kg.shape[2] > 0
+    if softcap is None and _FUSED is not None and q.device.type == "cpu" and n_local > 1 and q.dtype == v.dtype:
+        c0 = _contiguous_from(k_idx, q_idx, n_local, kg.shape[2] if has_global else 0)
+        if c0 is not None:
+            return _band_path(q, k, v, q_idx, c0, qg, kg, vg, g_idx, n_global, n_local, scaling, block_size)
+    return _masked_path(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, n_global, n_local, scaling, softcap, block_size)
+
+
+# ---------------------------------------------------------------------------------------------- band path
+
+
+def _fused(q, k, v, causal: bool, scaling: float):
+    """Fused attention of one piece: (output, log-sum-exp), both (B, H, Tq, ...)."""
+    out, lse = _FUSED(q, k, v, 0.0, causal, scale=scaling)
+    return out, lse
+
+
+def _expand(x, rep):
+    """(B, Hkv, m, d) -> (B, Hkv * rep, m, d): kv heads for causal pieces (a block's keys only)."""
+    if rep == 1:
+        return x
+    B, Hkv, m, d = x.shape
+    return x[:, :, None].expand(B, Hkv, rep, m, d).reshape(B, Hkv * rep, m, d)
+
+
+def _global_piece(qg_b, kg, vg, q_idx_b, g_idx, n_global, n_local, scaling, rep):
+    """The starting keys for a block of queries: (output, log-sum-exp) with -inf where none is seen."""
+    B, H, n, _ = qg_b.shape
+    Hkv, S = kg.shape[1], kg.shape[2]
+    scores = (qg_b.reshape(B, Hkv, rep * n, -1) @ kg.transpose(-1, -2)).view(B, H, n, S).float() * scaling
+    allowed = global_rule(q_idx_b[:, :, None], g_idx[:, None, :], n_global, n_local)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.clamp(min=_NEG)[..., None]).to(vg.dtype)
+    out = (probs.reshape(B, Hkv, rep * n, S) @ vg).view(B, H, n, -1)
+    return out, lse
+
+
+def _band_path(q, k, v, q_idx, c0, qg, kg, vg, g_idx, n_global, n_local, scaling, block_size):
+    B, H, Tq, _ = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    kt, vt = k[:, :, c0:], v[:, :, c0:]
+    off = kt.shape[2] - Tq  # key column (in kt) of query t is t + off
+    bq = min(block_size or max(64, min(256, n_local // 2)), n_local - 1)
+    has_global = qg is not None and kg.shape[2] > 0
+    out = torch.empty(B, H, Tq, v.shape[-1], dtype=q.dtype, device=q.device)
+    for s in range(0, Tq, bq):
+        e = min(s + bq, Tq)
+        n, a, b = e - s, s + off, e + off  # own keys [a, b)
+        qb = q[:, :, s:e]
+        pieces = [_fused(qb, _expand(kt[:, :, a:b], rep), _expand(vt[:, :, a:b], rep), True, scaling)]
+        r0 = max(0, b - n_local + 1)
+        if r0 < a:  # keys every query of the block sees
+            o, lse = _fused(qb.reshape(B, Hkv, rep * n, -1), kt[:, :, r0:a], vt[:, :, r0:a], False, scaling)
+            pieces.append((o.reshape(B, H, n, -1), lse.reshape(B, H, n)))
+        t0, t1 = max(0, a - n_local + 1), b - n_local + 1
+        if t1 > t0:  # oldest keys: query i sees key j iff j > i - L; causal after flipping both
+            kf, vf = _expand(kt[:, :, t0:t1], rep).flip(2), _expand(vt[:, :, t0:t1], rep).flip(2)
+            o, lse = _fused(qb.flip(2), kf, vf, True, scaling)
+            pieces.append((o.flip(2), lse.flip(2)))
+        if has_global:
+            pieces.append(_global_piece(qg[:, :, s:e], kg, vg, q_idx[:, s:e], g_idx, n_global, n_local, scaling,
+                                        rep))
+        out[:, :, s:e] = _merge(pieces)
+    return out
+
+
+def _merge(pieces):
+    """Exact softmax over the union of the pieces' keys, from each piece's output and log-sum-exp."""
+    if len(pieces) == 1:
+        return pieces[0][0]
+    lses = torch.stack([lse.float() for _, lse in pieces])
+    total = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - total)
+    out = sum(o.float() * w[..., None] for (o, _), w in zip(pieces, weights, strict=True))
+    return out.to(pieces[0][0].dtype)
+
+
+# -------------------------------------------------------------------------------------------- masked path
+
+
+def _masked_path(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, n_global, n_local, scaling, softcap, block_size):
     B, H, Tq, _ = q.shape
     Hkv, Tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     rep = H // Hkv
-    if softcap is None and _is_plain_causal(q_idx, k_idx, n_local):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=rep > 1)
-
     offset = Tk - Tq  # key column of query t is t + offset
     has_global = qg is not None and kg.shape[2] > 0
     S = kg.shape[2] if has_global else 0
-    bq = block_size or _default_block(n_local, H, S)
+    # About 32M float32 scores per block at most, and a block no longer than the window.
+    bq = block_size or max(16, min(n_local, 32 * 2**20 // max(1, H * (n_local + S))))
 
     # (B, Hkv, rep, T, d) views: heads grouped by the kv head they read.
     q5 = (q * scaling).view(B, Hkv, rep, Tq, -1)
@@ -63,15 +165,14 @@ def attention(
             scores = softcap * torch.tanh(scores / softcap)
         qi = q_idx[:, s:e, None]
         allowed = local_rule(qi, k_idx[:, None, lo:hi], n_local)
-        scores.masked_fill_(~allowed[:, None, None], _NEG)
+        scores = scores.masked_fill(~allowed[:, None, None], _NEG)
         if has_global:
             gb = qg5[:, :, :, s:e].reshape(B, Hkv, rep * n, -1)
             gscores = (gb @ kg_t).view(B, Hkv, rep, n, S).float()
             if softcap is not None:
                 gscores = softcap * torch.tanh(gscores / softcap)
             gallowed = global_rule(qi, g_idx[:, None, :], n_global, n_local)
-            gscores.masked_fill_(~gallowed[:, None, None], _NEG)
-            scores = torch.cat([scores, gscores], dim=-1)
+            scores = torch.cat([scores, gscores.masked_fill(~gallowed[:, None, None], _NEG)], dim=-1)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         ob = probs[..., : hi - lo].reshape(B, Hkv, rep * n, hi - lo) @ vb
         if has_global:
@@ -79,4 +180,4 @@ def attention(
         out[:, :, :, s:e] = ob.view(B, Hkv, rep, n, dv)
 
     out = out.view(B, H, Tq, dv)
-    return out.masked_fill_((q_idx < 0)[:, None, :, None], 0.0)
+    return out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)
