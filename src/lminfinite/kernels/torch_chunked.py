@@ -95,8 +95,7 @@ def _global_piece(qg_b, kg, vg, q_idx_b, g_idx, n_global, n_local, scaling, rep)
 
 def _band_path(q, k, v, q_idx, c0, qg, kg, vg, g_idx, n_global, n_local, scaling, block_size):
     B, H, Tq, _ = q.shape
-    Hkv = k.shape[1]
-    rep = H // Hkv
+    rep = H // k.shape[1]
     kt, vt = k[:, :, c0:], v[:, :, c0:]
     off = kt.shape[2] - Tq  # key column (in kt) of query t is t + off
     bq = min(block_size or max(64, min(256, n_local // 2)), n_local - 1)
@@ -104,23 +103,33 @@ def _band_path(q, k, v, q_idx, c0, qg, kg, vg, g_idx, n_global, n_local, scaling
     out = torch.empty(B, H, Tq, v.shape[-1], dtype=q.dtype, device=q.device)
     for s in range(0, Tq, bq):
         e = min(s + bq, Tq)
-        n, a, b = e - s, s + off, e + off  # own keys [a, b)
-        qb = q[:, :, s:e]
-        pieces = [_fused(qb, _expand(kt[:, :, a:b], rep), _expand(vt[:, :, a:b], rep), True, scaling)]
-        r0 = max(0, b - n_local + 1)
-        if r0 < a:  # keys every query of the block sees
-            o, lse = _fused(qb.reshape(B, Hkv, rep * n, -1), kt[:, :, r0:a], vt[:, :, r0:a], False, scaling)
-            pieces.append((o.reshape(B, H, n, -1), lse.reshape(B, H, n)))
-        t0, t1 = max(0, a - n_local + 1), b - n_local + 1
-        if t1 > t0:  # oldest keys: query i sees key j iff j > i - L; causal after flipping both
-            kf, vf = _expand(kt[:, :, t0:t1], rep).flip(2), _expand(vt[:, :, t0:t1], rep).flip(2)
-            o, lse = _fused(qb.flip(2), kf, vf, True, scaling)
-            pieces.append((o.flip(2), lse.flip(2)))
+        pieces = _local_pieces(q[:, :, s:e], kt, vt, s + off, e + off, n_local, scaling, rep)
         if has_global:
             pieces.append(_global_piece(qg[:, :, s:e], kg, vg, q_idx[:, s:e], g_idx, n_global, n_local, scaling,
                                         rep))
         out[:, :, s:e] = _merge(pieces)
     return out
+
+
+def _local_pieces(qb, kt, vt, a, b, n_local, scaling, rep):
+    """The local branch of queries whose own keys are columns [a, b) of kt, as mask-free pieces."""
+    B, H, n, _ = qb.shape
+    Hkv = H // rep
+    if n == 1:  # one query (decoding): its whole window in one piece
+        lo = max(0, b - n_local)
+        o, lse = _fused(qb.reshape(B, Hkv, rep, -1), kt[:, :, lo:b], vt[:, :, lo:b], False, scaling)
+        return [(o.reshape(B, H, 1, -1), lse.reshape(B, H, 1))]
+    pieces = [_fused(qb, _expand(kt[:, :, a:b], rep), _expand(vt[:, :, a:b], rep), True, scaling)]
+    r0 = max(0, b - n_local + 1)
+    if r0 < a:  # keys every query of the block sees
+        o, lse = _fused(qb.reshape(B, Hkv, rep * n, -1), kt[:, :, r0:a], vt[:, :, r0:a], False, scaling)
+        pieces.append((o.reshape(B, H, n, -1), lse.reshape(B, H, n)))
+    t0, t1 = max(0, a - n_local + 1), b - n_local + 1
+    if t1 > t0:  # oldest keys: query i sees key j iff j > i - L; causal after flipping both
+        kf, vf = _expand(kt[:, :, t0:t1], rep).flip(2), _expand(vt[:, :, t0:t1], rep).flip(2)
+        o, lse = _fused(qb.flip(2), kf, vf, True, scaling)
+        pieces.append((o.flip(2), lse.flip(2)))
+    return pieces
 
 
 def _merge(pieces):
