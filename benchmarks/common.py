@@ -1,0 +1,108 @@
+"""Shared pieces of the benchmarks: models, one measurement per subprocess, results on disk.
+
+Each measurement runs in a fresh Python process so that its peak resident memory (ru_maxrss) is
+its own. Results go to `benchmarks/results/<name>.json` with the machine, versions and date.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# A Llama of realistic width (as in Llama-style 1B models): speed does not depend on the weights.
+REALISTIC = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+)
+
+
+def realistic_model(n_local: int):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**REALISTIC, max_position_embeddings=n_local)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def stories_model():
+    from lminfinite.models import load_model
+
+    return load_model("stories260K")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment() -> dict:
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": "float32",
+    }
+
+
+def run_point(script: str, **params) -> dict:
+    """Run `script --point` with `params` in a subprocess and return the JSON it prints."""
+    args = [sys.executable, script, "--point", json.dumps(params)]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(script).name} {params} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def save(name: str, config: dict, rows: list[dict]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(
+        json.dumps({"benchmark": name, "environment": environment(), "config": config, "results": rows}, indent=1)
+    )
+    return path
+
+
+def plot(name: str, rows: list[dict], x: str, ys: list[tuple[str, str]], xlabel: str, title: str) -> Path:
+    """One panel per (key, label) in `ys`, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ys), figsize=(5.5 * len(ys), 4))
+    axes = [axes] if len(ys) == 1 else axes
+    for ax, (key, label) in zip(axes, ys, strict=True):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = [(r[x], r[key]) for r in rows if r["method"] == method and r.get(key) is not None]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,92 @@
+"""Decode: time per generated token vs context length (L to 64L), vanilla vs lminfinite.
+
+lminfinite: the context goes through `lminfinite.prefill` (a LambdaCache), then tokens are decoded
+one by one. vanilla: a DynamicCache holding `context` keys/values per layer, filled with random
+values (decode time does not depend on them, and a vanilla prefill of 64L is O(n^2)), then the
+same decoding loop. Random-weight Llama of realistic width.
+
+    python benchmarks/decode.py [--n-local 256] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from common import REALISTIC, peak_rss_mb, plot, realistic_model, run_point, save, timed
+from transformers import DynamicCache
+
+import lminfinite
+
+
+def _vanilla_cache(model, context: int) -> DynamicCache:
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache(config=cfg)
+    for layer in range(cfg.num_hidden_layers):
+        kv = torch.randn(1, cfg.num_key_value_heads, context, head_dim)
+        cache.update(kv, kv.clone(), layer)
+    return cache
+
+
+def point(method: str, n_local: int, context: int, steps: int) -> dict:
+    torch.set_grad_enabled(False)
+    model = realistic_model(n_local)
+    ids = torch.randint(0, model.config.vocab_size, (1, context))
+    if method == "lminfinite":
+        lminfinite.enable(model, n_global=10, n_local=n_local)
+        cache = lminfinite.prefill(model, ids, chunk_size=n_local)
+    else:
+        cache = _vanilla_cache(model, context)
+    token = ids[:, -1:]
+
+    def decode(k):
+        nonlocal token
+        for _ in range(k):
+            logits = model(input_ids=token, cache=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+
+    decode(4)  # warm-up
+    seconds = timed(lambda: decode(steps))
+    return {
+        "method": method,
+        "context": context,
+        "mult": context // n_local,
+        "ms_per_token": 1e3 * seconds / steps,
+        "cache_mb": sum(t.numel() * 4 for layer in cache.layers for t in (layer.keys, layer.values)) / 2**20,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-local", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--mults", default="1,8,64")
+    parser.add_argument("--point")
+    args = parser.parse_args(argv)
+    if args.point:
+        print(json.dumps(point(**json.loads(args.point))))
+        return []
+    rows = []
+    for method in ("lminfinite", "vanilla"):
+        for m in (int(x) for x in args.mults.split(",")):
+            row = run_point(__file__, method=method, n_local=args.n_local, context=m * args.n_local, steps=args.steps)
+            print(f"decode {method:10s} {m:3d}L {row['ms_per_token']:7.2f} ms/token  cache {row['cache_mb']:7.1f} MB")
+            rows.append(row)
+    config = {"model": {"random Llama": REALISTIC}, "n_local": args.n_local, "n_global": 10, "steps": args.steps}
+    save("decode", config, rows)
+    plot(
+        "decode",
+        rows,
+        "mult",
+        [("ms_per_token", "ms per token"), ("cache_mb", "KV cache (MB)")],
+        "context length / L",
+        f"Decode, random Llama (hidden 2048, 16 heads, 4 KV heads, 4 layers), L={args.n_local}",
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Prefill: time per token and peak memory vs input length (L to 64L), vanilla vs lminfinite.
+
+Both methods feed the input through `lminfinite.prefill` in chunks of L tokens: vanilla keeps a
+growing DynamicCache and full attention, lminfinite a LambdaCache. Random-weight Llama of realistic
+width (speed does not depend on the weights).
+
+    python benchmarks/prefill.py [--n-local 256] [--max-mult 64] [--vanilla-max-mult 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from common import REALISTIC, peak_rss_mb, plot, realistic_model, run_point, save, timed
+
+import lminfinite
+
+
+def point(method: str, n_local: int, length: int) -> dict:
+    torch.set_grad_enabled(False)
+    model = realistic_model(n_local)
+    if method == "lminfinite":
+        lminfinite.enable(model, n_global=10, n_local=n_local)
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    lminfinite.prefill(model, ids[:, :n_local], chunk_size=n_local)  # warm-up
+    base = peak_rss_mb()
+    seconds = timed(lambda: lminfinite.prefill(model, ids, chunk_size=n_local))
+    return {
+        "method": method,
+        "length": length,
+        "mult": length // n_local,
+        "seconds": seconds,
+        "ms_per_token": 1e3 * seconds / length,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_mb": base,
+    }
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-local", type=int, default=256)
+    parser.add_argument("--max-mult", type=int, default=64)
+    parser.add_argument("--vanilla-max-mult", type=int, default=16)
+    parser.add_argument("--point")
+    args = parser.parse_args(argv)
+    if args.point:
+        print(json.dumps(point(**json.loads(args.point))))
+        return []
+    rows = []
+    mults = [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= args.max_mult]
+    for method, top in (("lminfinite", args.max_mult), ("vanilla", args.vanilla_max_mult)):
+        for m in (m for m in mults if m <= top):
+            row = run_point(__file__, method=method, n_local=args.n_local, length=m * args.n_local)
+            print(f"prefill {method:10s} {m:3d}L {row['ms_per_token']:7.3f} ms/token", end="  ")
+            print(f"peak {row['peak_rss_mb']:7.0f} MB")
+            rows.append(row)
+    config = {"model": {"random Llama": REALISTIC}, "n_local": args.n_local, "n_global": 10, "chunk_size": args.n_local}
+    save("prefill", config, rows)
+    plot(
+        "prefill",
+        rows,
+        "mult",
+        [("ms_per_token", "ms per token"), ("peak_rss_mb", "peak RSS (MB)")],
+        "input length / L",
+        f"Prefill, random Llama (hidden 2048, 16 heads, 4 KV heads, 4 layers), L={args.n_local}",
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
