@@ -9,7 +9,7 @@ from lminfinite.context import candidate_columns
 from lminfinite.kernels import get_kernel, torch_chunked
 
 # "torch" takes its fused band path where it can; "torch-masked" forces its masked path.
-BACKENDS = ["torch", "torch-masked"]
+BACKENDS = ["torch", "torch-masked", "flex"]
 
 
 @pytest.fixture
@@ -89,11 +89,12 @@ def test_band_path_is_taken_for_contiguous_keys(monkeypatch):
     assert calls == [1]
 
 
-def test_softcap_matches_naive():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_matches_naive(kernel, backend):
     args = _inputs(1, 2, 1, 50, 50, 8, pads=[0], G=2)
     kw = dict(n_global=2, n_local=9, scaling=1.0, block_size=8, softcap=5.0)
     ref = get_kernel("naive")(*args, **kw)
-    torch.testing.assert_close(get_kernel("torch")(*args, **kw), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel(backend)(*args, **kw), ref, atol=1e-5, rtol=1e-5)
     kw.pop("softcap")
     assert (get_kernel("naive")(*args, **kw) - ref).abs().max() > 1e-3  # softcap changes the result
 

@@ -67,6 +67,21 @@ def test_long_inputs_torch_equals_naive(family, G, L, D):
     assert (_logits(model, ids) - ref).abs().max() > 1e-2  # the unmodified model differs beyond L
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_backend_equals_naive(padded):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 101, (2, 100))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :37] = 0
+    lminfinite.enable(model, n_global=3, n_local=16, backend="naive")
+    ref = _logits(model, ids, mask)
+    lminfinite.enable(model, n_global=3, n_local=16, backend="flex")
+    out = _logits(model, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_left_padded_batch_equals_rows_alone(family):
     model = tiny_model(family)

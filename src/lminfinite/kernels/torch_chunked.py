@@ -50,8 +50,9 @@ def _contiguous_from(k_idx, q_idx, n_local, n_candidates) -> int | None:
     return None
 
 
-def attention(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None,
-              block_size=None) -> torch.Tensor:
+def attention(
+    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None, block_size=None
+) -> torch.Tensor:
     Tq, rep = q.shape[2], q.shape[1] // k.shape[1]
     if softcap is None and _is_plain_causal(q_idx, k_idx, n_local):
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=rep > 1)
@@ -80,11 +81,13 @@ def _expand(x, rep):
     return x[:, :, None].expand(B, Hkv, rep, m, d).reshape(B, Hkv * rep, m, d)
 
 
-def _global_piece(qg_b, kg, vg, q_idx_b, g_idx, n_global, n_local, scaling, rep):
+def global_piece(qg_b, kg, vg, q_idx_b, g_idx, n_global, n_local, scaling, rep, softcap=None):
     """The starting keys for a block of queries: (output, log-sum-exp) with -inf where none is seen."""
     B, H, n, _ = qg_b.shape
     Hkv, S = kg.shape[1], kg.shape[2]
     scores = (qg_b.reshape(B, Hkv, rep * n, -1) @ kg.transpose(-1, -2)).view(B, H, n, S).float() * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     allowed = global_rule(q_idx_b[:, :, None], g_idx[:, None, :], n_global, n_local)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
@@ -105,9 +108,8 @@ def _band_path(q, k, v, q_idx, c0, qg, kg, vg, g_idx, n_global, n_local, scaling
         e = min(s + bq, Tq)
         pieces = _local_pieces(q[:, :, s:e], kt, vt, s + off, e + off, n_local, scaling, rep)
         if has_global:
-            pieces.append(_global_piece(qg[:, :, s:e], kg, vg, q_idx[:, s:e], g_idx, n_global, n_local, scaling,
-                                        rep))
-        out[:, :, s:e] = _merge(pieces)
+            pieces.append(global_piece(qg[:, :, s:e], kg, vg, q_idx[:, s:e], g_idx, n_global, n_local, scaling, rep))
+        out[:, :, s:e] = merge(pieces)
     return out
 
 
@@ -132,7 +134,7 @@ def _local_pieces(qb, kt, vt, a, b, n_local, scaling, rep):
     return pieces
 
 
-def _merge(pieces):
+def merge(pieces):
     """Exact softmax over the union of the pieces' keys, from each piece's output and log-sum-exp."""
     if len(pieces) == 1:
         return pieces[0][0]

@@ -1,0 +1,61 @@
+"""The FlexAttention kernel (GPU; runs eagerly on CPU for tests).
+
+The local branch is one `flex_attention` call whose block mask is the Λ rule's local part, so
+only the blocks of the band are computed; it returns its log-sum-exp. The global branch (queries
+re-rotated to distance D against the starting keys) is a small second pass, and the two merge
+exactly by log-sum-exp, as in the chunked kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from ..rule import local_rule
+from .torch_chunked import global_piece, merge
+
+_compiled = None
+
+
+def _flex(device: torch.device):
+    """Compiled flex_attention on GPU; eager on CPU (where compiled flex cannot return the lse)."""
+    global _compiled
+    if device.type == "cpu":
+        return flex_attention
+    if _compiled is None:
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def attention(
+    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None, block_size=None
+) -> torch.Tensor:
+    B, H, Tq, _ = q.shape
+    Tk, rep = k.shape[2], H // k.shape[1]
+
+    def local_mask(b, h, i, j):
+        return local_rule(q_idx[b, i], k_idx[b, j], n_local)
+
+    def capped(score, b, h, i, j):
+        return softcap * torch.tanh(score / softcap)
+
+    block_mask = create_block_mask(local_mask, B, None, Tq, Tk, device=q.device, _compile=q.device.type != "cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        out, lse = _flex(q.device)(
+            q,
+            k,
+            v,
+            score_mod=capped if softcap is not None else None,
+            block_mask=block_mask,
+            scale=scaling,
+            enable_gqa=rep > 1,
+            return_lse=True,
+        )
+    pieces = [(out, lse)]
+    if qg is not None and kg.shape[2] > 0:
+        pieces.append(global_piece(qg, kg, vg, q_idx, g_idx, n_global, n_local, scaling, rep, softcap))
+    out = merge(pieces)
+    return out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)
