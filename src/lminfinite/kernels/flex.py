@@ -44,6 +44,7 @@ def attention(
     block_mask = create_block_mask(local_mask, B, None, Tq, Tk, device=q.device, _compile=q.device.type != "cpu")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")  # raised inside torch itself
         out, lse = _flex(q.device)(
             q,
             k,
