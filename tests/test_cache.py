@@ -208,3 +208,18 @@ def test_text_iterator_streamer(stories):
     thread.join()
     assert "Lily" in text
     lminfinite.disable(model)
+
+
+def test_crop_rolls_back_inside_the_window_and_refuses_beyond():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    ids = torch.randint(3, 101, (1, 12))
+    cache = lminfinite.prefill(model, ids)
+    cache.crop(-4)
+    assert cache.get_seq_length() == 8
+    with torch.no_grad():
+        out = model(input_ids=ids[:, 8:], cache=cache).logits
+        ref = model(input_ids=ids, use_cache=False).logits[:, 8:]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    long_cache = lminfinite.prefill(model, torch.randint(3, 101, (1, 5 * L)))
+    with pytest.raises(ValueError, match="cannot roll back"):
+        long_cache.crop(-2)

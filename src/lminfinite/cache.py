@@ -180,9 +180,24 @@ class LambdaCache(Cache):
         self.base = self._columns = 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "LambdaCache drops the middle of the stream and cannot roll back; assisted decoding is not supported"
-        )
+        """Remove the last `-tokens_to_remove` columns (or keep the first `tokens_to_remove`).
+
+        Possible while nothing has been dropped yet (the stream still fits `n_global + n_local`):
+        afterwards the keys a rollback would need are gone, and this raises."""
+        keep = tokens_to_remove if tokens_to_remove >= 0 else self._columns + tokens_to_remove
+        if keep >= self._columns:
+            return
+        if self.tok is None or self.tok.shape[1] != self._columns or keep < 0:
+            raise ValueError(
+                "LambdaCache has dropped the middle of the stream and cannot roll back past its window; "
+                "assisted or speculative decoding needs a stream shorter than n_global + n_local"
+            )
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[..., :keep, :], layer.values[..., :keep, :]
+        self.tok = self.tok[:, :keep]
+        self.seen = (self.tok >= 0).sum(1)
+        self._columns = keep
 
     def memory_bytes(self) -> int:
         """Bytes held by the stored keys and values of all layers."""
