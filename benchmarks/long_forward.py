@@ -26,8 +26,14 @@ def point(length: int) -> dict:
     out = {}
     seconds = timed(lambda: out.setdefault("logits", model(input_ids=ids, use_cache=False).logits))
     assert torch.isfinite(out["logits"]).all()
-    return {"method": "lminfinite", "length": length, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-            "rss_before_mb": base, "logits_mb": out["logits"].numel() * 4 / 2**20}
+    return {
+        "method": "lminfinite",
+        "length": length,
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_mb": base,
+        "logits_mb": out["logits"].numel() * 4 / 2**20,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -41,8 +47,10 @@ def main(argv=None) -> list[dict]:
     rows = []
     for n in (int(x) for x in args.lengths.split(",")):
         row = run_point(__file__, length=n)
-        print(f"forward {n:6d} tokens {row['seconds']:6.2f} s  peak RSS {row['peak_rss_mb']:6.0f} MB "
-              f"(before {row['rss_before_mb']:.0f} MB, logits {row['logits_mb']:.0f} MB)")
+        print(
+            f"forward {n:6d} tokens {row['seconds']:6.2f} s  peak RSS {row['peak_rss_mb']:6.0f} MB "
+            f"(before {row['rss_before_mb']:.0f} MB, logits {row['logits_mb']:.0f} MB)"
+        )
         rows.append(row)
     save("long_forward", {"model": "stories260K", "n_global": 10, "n_local": 512}, rows)
     return rows

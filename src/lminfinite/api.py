@@ -7,6 +7,7 @@ the decoder and selects `attn_implementation="lm_infinite"`. `disable(model)` un
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 from torch import nn
@@ -32,9 +33,21 @@ ABSOLUTE_POSITION_TYPES = {
     "xlm",
     "openai-gpt",
     "gpt_neo",
-    "codegen",
     "imagegpt",
 }
+
+# Relative-position architectures whose attention needs more than the Λ kernels do today, refused with the reason.
+UNSUPPORTED_TYPES = {
+    "gpt_oss": "its learned attention sinks (`s_aux`) are not part of the Λ kernels",
+    "deepseek_v2": "its multi-head latent attention rotates the trailing dimensions of each head, not the leading ones",
+    "deepseek_v3": "its multi-head latent attention rotates the trailing dimensions of each head, not the leading ones",
+    "llama4_text": "its complex-valued RoPE, chunked attention and NoPE temperature tuning are not handled",
+    "llama4": "its complex-valued RoPE, chunked attention and NoPE temperature tuning are not handled",
+    "cohere2": "its full-attention layers have no RoPE while sharing the rotary module (not yet told apart)",
+}
+
+# Architectures with ALiBi biases, which they compute themselves outside transformers' AttentionInterface.
+ALIBI_TYPES = {"bloom", "mpt"}
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -47,22 +60,53 @@ def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
     return [m for m in decoder.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
 
 
+def _uses_alibi(config) -> bool:
+    """Whether a config declares ALiBi (Bloom, MPT's `attn_config.alibi`, Falcon's `alibi`)."""
+    attn_config = getattr(config, "attn_config", None)
+    return (
+        getattr(config, "model_type", None) in ALIBI_TYPES
+        or bool(getattr(config, "alibi", False))
+        or bool(getattr(attn_config, "alibi", False))
+    )
+
+
+def _routes_attention_interface(module: nn.Module) -> bool:
+    """Whether an attention layer's forward looks its attention function up in transformers'
+    AttentionInterface (`ALL_ATTENTION_FUNCTIONS`); class flags such as `_supports_sdpa` do not tell
+    (Falcon sets it and computes attention itself)."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
 def _check_architecture(model: nn.Module, rope) -> None:
+    """Refuse, with the reason, a model LM-Infinite cannot be applied to through the attention function."""
     model_type = getattr(model.config, "model_type", "?")
+    name = f"{type(model).__name__} ({model_type})"
     if model_type in ABSOLUTE_POSITION_TYPES:
         raise ValueError(
-            f"{type(model).__name__} ({model_type}) uses absolute position embeddings; LM-Infinite needs a model "
+            f"{name} uses absolute position embeddings; LM-Infinite needs a model "
             "with relative positions (RoPE or ALiBi): its distance cap has no meaning for absolute positions"
+        )
+    if _uses_alibi(model.config):
+        raise ValueError(
+            f"{name}: ALiBi models are not supported yet: they add their ALiBi biases themselves, outside "
+            "transformers' AttentionInterface, so lminfinite cannot cap their distances"
+        )
+    if model_type in UNSUPPORTED_TYPES:
+        raise ValueError(f"{name} is not supported yet: {UNSUPPORTED_TYPES[model_type]}")
+    modules = _attention_modules(_decoder(model))
+    if not modules or not all(_routes_attention_interface(m) for m in modules):
+        raise ValueError(
+            f"{name} does not route attention through transformers' AttentionInterface, "
+            "so lminfinite cannot plug into it"
         )
     if rope is None:
         raise ValueError(
-            f"{type(model).__name__} ({model_type}) has no rotary embedding that lminfinite recognises; "
+            f"{name} has no rotary embedding that lminfinite recognises; "
             "LM-Infinite needs relative positions (RoPE or ALiBi)"
-        )
-    if not getattr(model, "_supports_attention_backend", False) and not getattr(model, "_supports_sdpa", False):
-        raise ValueError(
-            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
-            "so lminfinite cannot plug into it"
         )
 
 

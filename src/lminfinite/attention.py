@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .kernels import get_kernel
+from .positions import layer_rope, layer_window
 
 NAME = "lm_infinite"
 
@@ -53,12 +54,17 @@ def lambda_attention_forward(
         )
     device = query.device
     q_idx, k_idx = ctx.q_idx.to(device), ctx.k_idx.to(device)
+    # Per layer: its own RoPE (None: a layer without RoPE) and its own sliding window.
+    rope = layer_rope(state.rope, module)
+    n_local, has_global = layer_window(cfg.n_local, kwargs.get("sliding_window"))
     qg = kg = vg = g_idx = None
-    S = ctx.n_candidates
-    if S > 0 and state.rope is not None:
-        (qcos, qsin), (gcos, gsin) = ctx.global_rotations(state.rope, cfg.limit_distance, device)
-        qg = state.rope.rotate(query, qcos, qsin)
-        kg = key[:, :, :S] if cfg.sink_positions == "own" else state.rope.rotate(key[:, :, :S], gcos, gsin)
+    S = ctx.n_candidates if has_global else 0
+    if S > 0:
+        qg, kg = query, key[:, :, :S]
+        if rope is not None:
+            (qcos, qsin), (gcos, gsin) = ctx.global_rotations(rope, cfg.limit_distance, device)
+            qg = rope.rotate(query, qcos, qsin)
+            kg = kg if cfg.sink_positions == "own" else rope.rotate(kg, gcos, gsin)
         vg, g_idx = value[:, :, :S], k_idx[:, :S]
     kernel = get_kernel(resolve_backend(cfg.backend, device))
     out = kernel(
@@ -72,7 +78,7 @@ def lambda_attention_forward(
         vg,
         g_idx,
         n_global=cfg.n_global,
-        n_local=cfg.n_local,
+        n_local=n_local,
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         softcap=kwargs.get("softcap"),
         block_size=cfg.block_size,

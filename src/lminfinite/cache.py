@@ -28,9 +28,9 @@ class LambdaLayer(DynamicLayer):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, shared: LambdaCache):
+    def __init__(self, shared: LambdaCache, layer_idx: int):
         super().__init__()
-        self.shared = shared
+        self.shared, self.layer_idx = shared, layer_idx
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -39,8 +39,9 @@ class LambdaLayer(DynamicLayer):
         if plan is None:
             raise RuntimeError("LambdaCache.update called outside a forward of an lminfinite-enabled model")
         keys, values = self.keys, self.values
-        if plan["shift"] and keys.numel():
-            keys = plan["rope"].rotate(keys, *plan["shift_cos_sin"](keys.device))
+        rope = plan["layer_ropes"].get(self.layer_idx, plan["rope"])
+        if plan["shift"] and keys.numel() and rope is not None:
+            keys = rope.rotate(keys, *plan["shift_cos_sin"](rope, keys.device))
         full_k = torch.cat([keys, key_states], dim=-2)
         full_v = torch.cat([values, value_states], dim=-2)
         keep = plan["keep"]
@@ -75,7 +76,7 @@ class LambdaCache(Cache):
 
     def __init__(self, n_global: int, n_local: int, num_layers: int):
         self.n_global, self.n_local = int(n_global), int(n_local)
-        super().__init__(layers=[LambdaLayer(self) for _ in range(num_layers)])
+        super().__init__(layers=[LambdaLayer(self, i) for i in range(num_layers)])
         self.owner: int | None = None  # id of the model state that filled it
         self.tok: torch.Tensor | None = None  # (batch, stored columns) token index, -1 = padding
         self.seen: torch.Tensor | None = None  # (batch,) real tokens seen per row
@@ -95,7 +96,9 @@ class LambdaCache(Cache):
     def position_bound(self) -> int:
         return 2 * self.n_local
 
-    def begin(self, valid: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def begin(
+        self, valid: torch.Tensor, rope: Rope | None, layer_ropes: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Plan the layout for a forward of new columns with padding mask `valid` (batch, q_len).
 
         Returns the new tokens' indices, their RoPE positions, and the indices of all key columns
@@ -136,10 +139,16 @@ class LambdaCache(Cache):
         # Stored keys move to the new base, except each row's starting tokens (they stay at t).
         delta = torch.where(old_tok >= G, -shift, 0)
 
-        def shift_cos_sin(dev):
-            return rope.cos_sin(delta.to(dev))
+        def shift_cos_sin(layer_rope, dev):
+            return layer_rope.cos_sin(delta.to(dev))
 
-        self._plan = {"shift": shift, "keep": keep, "rope": rope, "shift_cos_sin": shift_cos_sin}
+        self._plan = {
+            "shift": shift,
+            "keep": keep,
+            "rope": rope,
+            "layer_ropes": layer_ropes or {},
+            "shift_cos_sin": shift_cos_sin,
+        }
         return q_idx, q_pos, full_tok
 
     def check_compatible(self, n_global: int, n_local: int, num_layers: int, owner: int) -> None:

@@ -62,24 +62,23 @@ class LambdaConfig:
 
 
 def pretraining_length(config) -> int:
-    """The model's pretraining context length, read from a transformers config."""
+    """The model's pretraining context length, read from a transformers config.
+
+    A declared `original_max_position_embeddings` (RoPE scaling: llama3, yarn, Phi-3's longrope) wins
+    over the extended `max_position_embeddings`, but never exceeds it: Phi-3 configs carry an
+    `original_max_position_embeddings` of 4096 even when no scaling is used and the context is shorter."""
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     rope = getattr(text_config, "rope_parameters", None) or {}
+    originals = [getattr(text_config, "original_max_position_embeddings", None)]
     if isinstance(rope, dict):
         # Per-layer-type parameters (Gemma3 style) nest one dict per layer type.
         candidates = [rope] + [v for v in rope.values() if isinstance(v, dict)]
-        for params in candidates:
-            if params.get("original_max_position_embeddings"):
-                return int(params["original_max_position_embeddings"])
-    for name in (
-        "original_max_position_embeddings",
-        "max_position_embeddings",
-        "n_positions",
-        "max_seq_len",
-        "seq_length",
-        "n_ctx",
-    ):
+        originals = [params.get("original_max_position_embeddings") for params in candidates] + originals
+    original = next((int(v) for v in originals if isinstance(v, int) and v > 0), None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx"):
         value = getattr(text_config, name, None)
         if isinstance(value, int) and value > 0:
-            return value
+            return value if original is None else min(original, value)
+    if original is not None:
+        return original
     raise ValueError("cannot tell the model's pretraining length from its config; pass n_local explicitly to enable()")

@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 
 from .cache import LambdaCache
 from .config import LambdaConfig
-from .positions import Rope
+from .positions import Rope, layer_rope
 
 
 @dataclass
@@ -36,13 +36,11 @@ class ForwardContext:
 
     def global_rotations(self, rope: Rope, limit_distance: int, device: torch.device):
         """(cos, sin) moving queries to position D, and (cos, sin) moving starting keys to 0."""
-        if device not in self._rotations:
+        key = (id(rope.rotary), rope.freq_attr, device)  # one entry per rotary embedding and device
+        if key not in self._rotations:
             q_pos, g_idx = self.q_pos.to(device), self.k_idx[:, : self.n_candidates].to(device)
-            self._rotations[device] = (
-                rope.cos_sin(limit_distance - q_pos),
-                rope.cos_sin(-g_idx.clamp(min=0)),
-            )
-        return self._rotations[device]
+            self._rotations[key] = (rope.cos_sin(limit_distance - q_pos), rope.cos_sin(-g_idx.clamp(min=0)))
+        return self._rotations[key]
 
 
 @dataclass
@@ -117,7 +115,8 @@ def make_pre_hook(state: LambdaState, decoder: nn.Module):
             kwargs[cache_kw] = cache
             kwargs["use_cache"] = True
             cache.check_compatible(cfg.n_global, cfg.n_local, state.num_layers, id(state))
-            q_idx, q_pos, k_idx = cache.begin(valid, state.rope)
+            layer_ropes = {m.layer_idx: layer_rope(state.rope, m) for m in state.modules}
+            q_idx, q_pos, k_idx = cache.begin(valid, state.rope, layer_ropes)
         else:
             q_idx = torch.where(valid, valid.long().cumsum(1) - 1, -1)
             q_pos, k_idx = q_idx.clamp(min=0), q_idx

@@ -9,32 +9,51 @@ Keys and queries reach the attention function already rotated at their positions
 
 Rotations are pure (cos, sin) rotations: a RoPE variant that scales cos/sin by an attention factor
 (YaRN, LongRoPE) has already applied that factor once to q and k, and a rotation keeps it.
+
+What differs between families, and where it is handled here:
+
+- pairing of dimensions: "half" (rotate_half: Llama, NeoX, Qwen, Gemma, Phi...) or "interleaved"
+  (pairs 2i, 2i+1: GPT-J, CodeGen, Cohere), chosen by `find_rope`;
+- partial rotary (GPT-NeoX/Pythia, StableLM, Phi, Phi-3 with `partial_rotary_factor`, GPT-J with
+  `rotary_dim`): only the leading `2 * len(inv_freq)` dimensions rotate, so the rotated width is
+  read from the frequencies and the rest of the head passes through;
+- frequencies per layer type (Gemma3: `sliding_attention_inv_freq`, `full_attention_inv_freq`) and
+  layers without RoPE (SmolLM3's NoPE layers): `layer_rope` gives each attention layer its own;
+- a precomputed sin/cos table sized by the context length (GPT-J, CodeGen): `TableRope`, and a
+  hook that grows the table, so the table does not limit the input length;
+- the model's own sliding window (Mistral, Qwen2, Gemma2/3, Phi-3, SmolLM3): `layer_window`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+# Rotary modules (by class name) that pair dimensions 2i, 2i+1 instead of i, i + d/2.
+INTERLEAVED_ROTARY = ("gptj", "codegen", "cohere")
+
 
 @dataclass
 class Rope:
-    """How one model applies rotary embeddings to attention heads.
+    """How one model (or one layer type) applies rotary embeddings to attention heads.
 
-    rotary: the module holding `inv_freq` (read at call time: dynamic variants update it).
+    rotary: the module holding the frequencies (read at call time: dynamic variants update them).
     style: "half" (rotate_half, Llama/NeoX) or "interleaved" (pairs 2i, 2i+1; GPT-J).
-    rotary_dim: how many leading dimensions of a head rotate (partial rotary rotates fewer).
+    freq_attr: the attribute of `rotary` holding the inverse frequencies ("inv_freq"; Gemma3 keeps
+        one per layer type, e.g. "full_attention_inv_freq").
+    Partial rotary needs no setting: the rotated width is `2 * len(inv_freq)`.
     """
 
     rotary: nn.Module
     style: str = "half"
-    rotary_dim: int | None = None
+    freq_attr: str = "inv_freq"
 
     @property
     def inv_freq(self) -> torch.Tensor:
-        return self.rotary.inv_freq
+        return getattr(self.rotary, self.freq_attr)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of `positions * inv_freq`, shape (batch, 1, seq, rotary_dim / 2), float32."""
@@ -59,13 +78,77 @@ class Rope:
         return torch.cat((out, x[..., rot:]), dim=-1)
 
 
+@dataclass
+class TableRope(Rope):
+    """RoPE read from a precomputed (sin | cos) table `embed_positions` (GPT-J, CodeGen).
+
+    The table has no `inv_freq`; its frequencies are those of transformers'
+    `create_sinusoidal_positions(num_pos, pos_embd_dim)`: `10000 ** (-2i / pos_embd_dim)`.
+    """
+
+    style: str = "interleaved"
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        dim = self.rotary.pos_embd_dim
+        return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
+
+
+def _style(rotary: nn.Module) -> str:
+    name = type(rotary).__name__.lower()
+    return "interleaved" if any(tag in name for tag in INTERLEAVED_ROTARY) else "half"
+
+
+def _per_type_freq_attr(module: nn.Module) -> str | None:
+    """The frequency attribute of a rotary module with one set per layer type (Gemma3), else None.
+
+    The full-attention set comes first: it is the one whose layers get LM-Infinite's global branch."""
+    layer_types = getattr(module, "layer_types", None)
+    if not isinstance(layer_types, (list, tuple)):
+        return None
+    names = [f"{t}_inv_freq" for t in sorted(layer_types, key=lambda t: t != "full_attention")]
+    present = [n for n in names if isinstance(getattr(module, n, None), torch.Tensor)]
+    return present[0] if present else None
+
+
 def find_rope(model: nn.Module) -> Rope | None:
     """The model's rotary embedding, or None when it has none."""
     for module in model.modules():
-        if hasattr(module, "inv_freq") and isinstance(module.inv_freq, torch.Tensor):
-            style = "interleaved" if "gptj" in type(module).__name__.lower() else "half"
-            return Rope(rotary=module, style=style)
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            return Rope(rotary=module, style=_style(module))
+        freq_attr = _per_type_freq_attr(module)
+        if freq_attr is not None:
+            return Rope(rotary=module, style=_style(module), freq_attr=freq_attr)
+        if isinstance(getattr(module, "embed_positions", None), torch.Tensor) and hasattr(module, "pos_embd_dim"):
+            return TableRope(rotary=module)
     return None
+
+
+def layer_rope(rope: Rope | None, module: nn.Module) -> Rope | None:
+    """The rotary embedding attention layer `module` applies: None for a layer without RoPE
+    (SmolLM3's `use_rope = 0` layers), its layer type's frequencies where they differ per type
+    (Gemma3), else the model's `rope`."""
+    if rope is None or not getattr(module, "use_rope", True):
+        return None
+    layer_type = getattr(module, "layer_type", None)
+    if layer_type is not None and rope.freq_attr != "inv_freq":
+        freq_attr = f"{layer_type}_inv_freq"
+        if isinstance(getattr(rope.rotary, freq_attr, None), torch.Tensor):
+            return replace(rope, freq_attr=freq_attr)
+    return rope
+
+
+def layer_window(n_local: int, sliding_window: int | None) -> tuple[int, bool]:
+    """(local window, whether the global branch applies) for a layer with the model's own
+    `sliding_window` (None: full attention).
+
+    The model's window is honoured: a layer that never sees beyond `W <= n_local` tokens keeps
+    exactly its window (keys at distance `< W`) and gets no starting tokens, since the model never
+    saw far tokens there (and inputs of length <= n_local stay identical to the model). A window
+    wider than `n_local` is cut to the Λ shape like a full-attention layer."""
+    if sliding_window is None or sliding_window > n_local:
+        return n_local, True
+    return int(sliding_window), False
 
 
 def _freeze_dynamic(module: nn.Module, args, kwargs):
@@ -77,9 +160,55 @@ def _freeze_dynamic(module: nn.Module, args, kwargs):
     return None
 
 
-def install_rope_hooks(rope: Rope) -> list:
-    """Hooks that keep a dynamic RoPE at its original frequencies; returns their handles."""
+class _Restore:
+    """A hook handle that undoes an attribute change on `remove()` (what `disable()` calls)."""
+
+    def __init__(self, module: nn.Module, name: str, value):
+        self.module, self.name = module, name
+        self.had, self.old = hasattr(module, name), getattr(module, name, None)
+        setattr(module, name, value)
+
+    def remove(self) -> None:
+        if self.had:
+            setattr(self.module, self.name, self.old)
+        elif hasattr(self.module, self.name):
+            delattr(self.module, self.name)
+
+
+def _freeze_longrope(module: nn.Module) -> _Restore:
+    """Keep LongRoPE (Phi-3) at its short factors, the ones of the pretraining length: transformers
+    switches every position to the long factors once a position passes `original_max_position_embeddings`
+    (positions beyond it only come from the gap LM-Infinite skips), which would change what the model
+    sees inside the window and mix two frequency sets in one cache. transformers reads the long set
+    from the `long_inv_freq` attribute when present."""
+    return _Restore(module, "long_inv_freq", module.original_inv_freq.detach())  # a plain tensor, not a buffer
+
+
+def _grow_table(module: nn.Module, args, kwargs):
+    """Extend a (sin | cos) table (GPT-J, CodeGen) to the largest position of this forward, with the
+    model's own `create_sinusoidal_positions`: the rows it had stay bit-identical."""
+    position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+    needed = int(position_ids.max()) + 1
+    table = module.embed_positions
+    if needed <= table.shape[0]:
+        return None
+    make = sys.modules[type(module).__module__].create_sinusoidal_positions
+    size = max(needed, 2 * table.shape[0])
+    module.embed_positions = make(size, module.pos_embd_dim).to(device=table.device, dtype=table.dtype)
+    module.max_positions = size
+    return None
+
+
+def install_rope_hooks(rope: Rope | None) -> list:
+    """Hooks that keep the rotary embedding usable at any length with fixed frequencies; returns
+    their handles (each with `remove()`)."""
+    if rope is None:
+        return []
+    if isinstance(rope, TableRope):
+        return [rope.rotary.register_forward_pre_hook(_grow_table, with_kwargs=True)]
     rope_type = str(getattr(rope.rotary, "rope_type", "default"))
     if "dynamic" in rope_type:
         return [rope.rotary.register_forward_pre_hook(_freeze_dynamic, with_kwargs=True)]
+    if rope_type == "longrope" and hasattr(rope.rotary, "original_inv_freq"):
+        return [_freeze_longrope(rope.rotary)]
     return []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ..rule import local_rule
 from .torch_chunked import global_piece, merge

@@ -1,0 +1,152 @@
+"""Per-position NLL of long windows for each method, averaged in buckets of position (paper, Fig. 1).
+
+Position convention: position `i` is the query that predicts token `i + 1` from tokens `0..i`, so
+bucket `[0, L)` holds the predictions made with at most `L` tokens in view, the pretraining regime.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..scoring import score
+from .methods import applied
+from .progress import progress_bar
+
+BucketSpec = str | int | Sequence[int]
+
+
+def bucket_edges(spec: BucketSpec, n_positions: int) -> list[int]:
+    """Bucket edges covering positions `0..n_positions-1`.
+
+    "pow2" -> [0, 1, 2, 4, 8, ...]; an int w -> [0, w, 2w, ...]; a list -> those edges, as given.
+    """
+    if spec == "pow2":
+        edges = [0, 1]
+        while edges[-1] < n_positions:
+            edges.append(edges[-1] * 2)
+        return edges
+    if isinstance(spec, int):
+        if spec < 1:
+            raise ValueError(f"bucket width must be >= 1, got {spec}")
+        return list(range(0, n_positions + spec, spec))
+    edges = [int(e) for e in spec]
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)) or edges[0] < 0:
+        raise ValueError(f"bucket edges must be >= 0 and strictly increasing, got {edges}")
+    return edges
+
+
+def truncate_nll(model: nn.Module, ids: torch.Tensor, n_local: int, stride: int | None = None) -> torch.Tensor:
+    """NLL (n - 1,) of a 1D `ids` when each token sees only recent tokens, at fresh positions.
+
+    Strided sliding-window evaluation: windows of `L = n_local` tokens start at 0, S, 2S, ...
+    (S = `stride`, default L // 2; the last window ends at the last query). The first window
+    scores all its queries (positions 0..L-1, exactly the vanilla model); each later window scores
+    only its queries past the previous window's end. So position i < L sees tokens 0..i, and each
+    position i >= L sees between L - S + 1 and L of the latest tokens (itself included), at
+    positions 0..L-1 of its window. `stride=1` is the exact "last L tokens" baseline (n forwards).
+    """
+    n = ids.numel() - 1  # queries 0..n-1 predict ids[1..n]
+    L = n_local
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    out = torch.empty(n)
+    with torch.no_grad():
+        out[: min(n, L)] = _window_nll(model, ids[None, : min(n, L)], ids[None, 1 : min(n, L) + 1])[0]
+        if n <= L:
+            return out
+        S = max(1, stride or L // 2)
+        starts = list(range(S, n - L, S)) + [n - L]
+        per_batch = max(1, 16384 // L)
+        done = L
+        for b in range(0, len(starts), per_batch):
+            group = starts[b : b + per_batch]
+            inputs = torch.stack([ids[s : s + L] for s in group])
+            targets = torch.stack([ids[s + L - S + 1 : s + L + 1] for s in group])
+            nll = _window_nll(model, inputs, targets, keep=S)
+            for s, row in zip(group, nll, strict=True):
+                new = s + L - done  # queries past the previous window's end
+                out[done : s + L] = row[S - new :]
+                done = s + L
+    return out
+
+
+def _window_nll(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """NLL of `targets` from the last `targets.shape[1]` logits of a plain forward of `inputs`."""
+    logits = model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits[:, -targets.shape[1] :]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets[..., None]).squeeze(-1).cpu()
+
+
+def position_nll(
+    model: nn.Module, window: torch.Tensor, method: str, n_global: int, n_local: int, chunk_size: int = 4096
+) -> torch.Tensor:
+    """NLL (n - 1,) of one 1D window of ids under `method` (vanilla, lminfinite, sinks or truncate)."""
+    with applied(model, method, n_global, n_local):
+        if method == "truncate":
+            return truncate_nll(model, window, n_local)
+        return score(model, window[None], chunk_size=chunk_size)[0]
+
+
+def bucketize(method: str, nll: torch.Tensor, edges: Sequence[int]) -> list[dict]:
+    """Rows of mean NLL per bucket `[edges[k], edges[k+1])` of position, over all windows (rows of `nll`)."""
+    rows = []
+    for start, end in zip(edges, edges[1:], strict=False):
+        values = nll[:, start:end]
+        values = values[~values.isnan()]
+        if values.numel():
+            rows.append(_row(method, start, end, values.numel(), float(values.double().mean())))
+    return rows
+
+
+def merge(rows: list[dict], method: str, start: int, end: int) -> dict | None:
+    """One row for `[start, end)` from the bucket rows inside it (token-weighted mean); None if empty."""
+    inside = [r for r in rows if r["method"] == method and r["bucket_start"] >= start and r["bucket_end"] <= end]
+    tokens = sum(r["tokens"] for r in inside)
+    if not tokens:
+        return None
+    return _row(method, start, end, tokens, sum(r["nll"] * r["tokens"] for r in inside) / tokens)
+
+
+def _row(method: str, start: int, end: int, tokens: int, nll: float) -> dict:
+    return {
+        "method": method,
+        "bucket_start": start,
+        "bucket_end": end,
+        "tokens": tokens,
+        "nll": nll,
+        "ppl": math.exp(nll),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    windows: torch.Tensor,
+    methods: Sequence[str],
+    n_global: int,
+    n_local: int,
+    buckets: BucketSpec = "pow2",
+    chunk_size: int = 4096,
+    progress: bool | None = None,
+) -> list[dict]:
+    """Bucketed NLL rows for every method over `windows` (K, N), one window per forward pass.
+
+    vanilla: the unmodified model via `lminfinite.score` (exact; its cache grows with N).
+    lminfinite / sinks: `lminfinite.score` on the enabled model (see `methods` for sinks).
+    truncate: `truncate_nll`. `progress=None` shows a bar on a terminal only.
+    """
+    edges = bucket_edges(buckets, windows.shape[1] - 1)
+    rows = []
+    bar = progress_bar(len(methods) * len(windows), "ppl", "window", progress)
+    for method in methods:
+        nll = []
+        for window in windows:
+            bar.set_postfix_str(method)
+            nll.append(position_nll(model, window, method, n_global, n_local, chunk_size))
+            bar.update()
+        rows += bucketize(method, torch.stack(nll), edges)
+    bar.close()
+    return rows

@@ -1,0 +1,63 @@
+"""Results out: the JSON file and the plain-text tables the CLI prints."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .perplexity import merge
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write `payload` as indented JSON, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _grid(header: Sequence[str], lines: list[Sequence[str]]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+
+    def fmt(row: Sequence[str]) -> str:
+        cells = [str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        return "  ".join(cells)
+
+    return "\n".join([fmt(header), *map(fmt, lines)])
+
+
+def nll_table(rows: list[dict], spans: Sequence[tuple[int, int]] = ()) -> str:
+    """NLL (nats/token) per position bucket (rows) and method (columns), then one line per extra span
+    `(start, end)` that is not already a bucket (token-weighted mean of the buckets inside it)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    buckets = sorted({(r["bucket_start"], r["bucket_end"]) for r in rows})
+    value = {(r["method"], r["bucket_start"], r["bucket_end"]): r["nll"] for r in rows}
+    lines = [[f"[{a}, {b})", *(_num(value.get((m, a, b))) for m in methods)] for a, b in buckets]
+    for a, b in (span for span in spans if span not in buckets):
+        merged = [merge(rows, m, a, b) for m in methods]
+        lines.append([f"[{a}, {b}) all", *(_num(r and r["nll"]) for r in merged)])
+    return "NLL (nats/token) by token position\n" + _grid(["position", *methods], lines)
+
+
+def passkey_table(rows: list[dict]) -> str:
+    """Accuracy over all depths per length (rows) and method (columns)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    acc = {(r["method"], r["length"]): r for r in rows if r["depth"] == "all"}
+    lines = [[str(n), *(f"{acc[m, n]['accuracy']:.2f}" for m in methods)] for n in lengths]
+    return "passkey accuracy (all depths)\n" + _grid(["length", *methods], lines)
+
+
+def generation_table(rows: list[dict]) -> str:
+    """BLEU / ROUGE-L per method and cut position."""
+    lines = [
+        [r["method"], str(r["position"]), f"{r['bleu']:.2f}", f"{r['rougeL']:.3f}", str(r["samples"])] for r in rows
+    ]
+    return _grid(["method", "position", "BLEU", "ROUGE-L", "samples"], lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
