@@ -128,6 +128,9 @@ def enable(
     sink_positions: "zero" (LM-Infinite) or "own" (StreamingLLM-style sinks, a baseline).
     Calling it again reconfigures; training mode is allowed (the kernels are differentiable).
     """
+    decoder = _decoder(model)
+    rope = find_rope(decoder)
+    _check_architecture(model, rope)
     if n_local is None:
         n_local = pretraining_length(model.config)
     config = LambdaConfig(
@@ -140,9 +143,6 @@ def enable(
     )
     if getattr(model, "_lminfinite", None) is not None:
         disable(model)
-    decoder = _decoder(model)
-    rope = find_rope(decoder)
-    _check_architecture(model, rope)
     register()
     text_config = model.config.get_text_config(decoder=True)
     state = LambdaState(

@@ -84,8 +84,8 @@ def stream(
             token = int(_pick(logits, do_sample, temperature, top_k, top_p, generator)[0])
             produced += 1
             window = recent[-7:]
-            before = tokenizer.decode(window)
-            piece = tokenizer.decode(window + [token])[len(before) :]
+            before = tokenizer.decode(window, skip_special_tokens=True)
+            piece = tokenizer.decode(window + [token], skip_special_tokens=True)[len(before) :]
             recent = window + [token]
             next_input = torch.tensor([[token]], device=device)
             if stop_at_eos and token == tokenizer.eos_token_id:
