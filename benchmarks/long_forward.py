@@ -12,7 +12,7 @@ import argparse
 import json
 
 import torch
-from common import peak_rss_mb, run_point, save, stories_model, timed
+from common import peak_rss_mb, reset_peak_rss, run_point, save, stories_model, timed
 
 import lminfinite
 
@@ -22,6 +22,7 @@ def point(length: int) -> dict:
     model, _ = stories_model()
     lminfinite.enable(model, n_global=10, n_local=512)
     ids = torch.randint(3, 512, (1, length))
+    reset_peak_rss()
     base = peak_rss_mb()
     out = {}
     seconds = timed(lambda: out.setdefault("logits", model(input_ids=ids, use_cache=False).logits))

@@ -13,7 +13,7 @@ import argparse
 import json
 
 import torch
-from common import REALISTIC, peak_rss_mb, plot, realistic_model, run_point, save, timed
+from common import REALISTIC, peak_rss_mb, plot, realistic_model, reset_peak_rss, run_point, save, timed
 
 import lminfinite
 
@@ -25,6 +25,7 @@ def point(method: str, n_local: int, length: int) -> dict:
         lminfinite.enable(model, n_global=10, n_local=n_local)
     ids = torch.randint(0, model.config.vocab_size, (1, length))
     lminfinite.prefill(model, ids[:, :n_local], chunk_size=n_local)  # warm-up
+    reset_peak_rss()
     base = peak_rss_mb()
     seconds = timed(lambda: lminfinite.prefill(model, ids, chunk_size=n_local))
     return {

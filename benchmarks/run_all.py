@@ -2,12 +2,14 @@
 
     python benchmarks/run_all.py [--quick]
 
---quick uses smaller sizes (a few minutes); the default sizes are those of the README table.
+--quick uses smaller sizes (a few minutes); the default sizes are those of the README table;
+--only NAME reruns one benchmark and rebuilds the summary with the saved results of the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -81,8 +83,13 @@ def summary(pre, dec, sco) -> str:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["prefill", "decode", "score"], help="rerun one benchmark, reuse the others")
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.only:
+        runs = {"prefill": prefill.main, "decode": decode.main, "score": score.main}
+        runs[args.only]([])
+        pre, dec, sco = (json.loads((RESULTS / f"{name}.json").read_text())["results"] for name in runs)
+    elif args.quick:
         pre = prefill.main(["--n-local", "128", "--max-mult", "16", "--vanilla-max-mult", "8"])
         dec = decode.main(["--n-local", "128", "--mults", "1,8", "--steps", "8"])
         sco = score.main(["--tokens", "20000", "--short", "5000", "--long", "20000"])
