@@ -7,6 +7,7 @@ Results go to `benchmarks/results/<name>.json` with the machine, versions and da
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -72,6 +73,20 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "dtype": "float32",
     }
+
+
+def parse_args(doc: str, argv, point, *options: tuple[str, dict]) -> argparse.Namespace | None:
+    """Parse a benchmark's command line. With `--point JSON` (how `run_point` calls a script), run
+    that one measurement, print its JSON row and return None."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, kwargs in options:
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument("--point", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.point:
+        print(json.dumps(point(**json.loads(args.point))))
+        return None
+    return args
 
 
 def run_point(script: str, **params) -> dict:

@@ -10,11 +10,8 @@ same decoding loop. Random-weight Llama of realistic width.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
-from common import REALISTIC, peak_rss_mb, plot, realistic_model, run_point, save, timed
+from common import REALISTIC, parse_args, peak_rss_mb, plot, realistic_model, run_point, save, timed
 from transformers import DynamicCache
 
 import lminfinite
@@ -60,14 +57,15 @@ def point(method: str, n_local: int, context: int, steps: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-local", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--mults", default="1,8,64")
-    parser.add_argument("--point")
-    args = parser.parse_args(argv)
-    if args.point:
-        print(json.dumps(point(**json.loads(args.point))))
+    args = parse_args(
+        __doc__,
+        argv,
+        point,
+        ("--n-local", {"type": int, "default": 256}),
+        ("--steps", {"type": int, "default": 32}),
+        ("--mults", {"default": "1,8,64"}),
+    )
+    if args is None:
         return []
     rows = []
     for method in ("lminfinite", "vanilla"):

@@ -8,11 +8,8 @@ peak RSS must grow linearly with n (hidden states and logits), never with n^2.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
-from common import peak_rss_mb, reset_peak_rss, run_point, save, stories_model, timed
+from common import parse_args, peak_rss_mb, reset_peak_rss, run_point, save, stories_model, timed
 
 import lminfinite
 
@@ -38,12 +35,13 @@ def point(length: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="8192,16384,32768,65536")
-    parser.add_argument("--point")
-    args = parser.parse_args(argv)
-    if args.point:
-        print(json.dumps(point(**json.loads(args.point))))
+    args = parse_args(
+        __doc__,
+        argv,
+        point,
+        ("--lengths", {"default": "8192,16384,32768,65536"}),
+    )
+    if args is None:
         return []
     rows = []
     for n in (int(x) for x in args.lengths.split(",")):

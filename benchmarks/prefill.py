@@ -9,11 +9,8 @@ width (speed does not depend on the weights).
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
-from common import REALISTIC, peak_rss_mb, plot, realistic_model, reset_peak_rss, run_point, save, timed
+from common import REALISTIC, parse_args, peak_rss_mb, plot, realistic_model, reset_peak_rss, run_point, save, timed
 
 import lminfinite
 
@@ -40,14 +37,15 @@ def point(method: str, n_local: int, length: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-local", type=int, default=256)
-    parser.add_argument("--max-mult", type=int, default=64)
-    parser.add_argument("--vanilla-max-mult", type=int, default=16)
-    parser.add_argument("--point")
-    args = parser.parse_args(argv)
-    if args.point:
-        print(json.dumps(point(**json.loads(args.point))))
+    args = parse_args(
+        __doc__,
+        argv,
+        point,
+        ("--n-local", {"type": int, "default": 256}),
+        ("--max-mult", {"type": int, "default": 64}),
+        ("--vanilla-max-mult", {"type": int, "default": 16}),
+    )
+    if args is None:
         return []
     rows = []
     mults = [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= args.max_mult]

@@ -10,11 +10,8 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
-from common import peak_rss_mb, reset_peak_rss, run_point, save, timed
+from common import parse_args, peak_rss_mb, reset_peak_rss, run_point, save, timed
 
 import lminfinite
 from lminfinite.assets import asset, read_text
@@ -73,14 +70,15 @@ def point(kind: str, corpus: str, tokens: int, chunk: int = 4096) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=200_000)
-    parser.add_argument("--short", type=int, default=50_000)
-    parser.add_argument("--long", type=int, default=500_000)
-    parser.add_argument("--point")
-    args = parser.parse_args(argv)
-    if args.point:
-        print(json.dumps(point(**json.loads(args.point))))
+    args = parse_args(
+        __doc__,
+        argv,
+        point,
+        ("--tokens", {"type": int, "default": 200_000}),
+        ("--short", {"type": int, "default": 50_000}),
+        ("--long", {"type": int, "default": 500_000}),
+    )
+    if args is None:
         return []
     rows = []
     for kind, corpus, n in (
