@@ -62,7 +62,9 @@ def lambda_attention_forward(
     if S > 0:
         qg, kg = query, key[:, :, :S]
         if rope is not None:
-            (qcos, qsin), (gcos, gsin) = ctx.global_rotations(rope, cfg.limit_distance, device)
+            (qcos, qsin), (gcos, gsin) = ctx.global_rotations(
+                rope, cfg.limit_distance, device, sinks=cfg.sink_positions == "own"
+            )
             qg = rope.rotate(query, qcos, qsin)
             kg = kg if cfg.sink_positions == "own" else rope.rotate(kg, gcos, gsin)
         vg, g_idx = value[:, :, :S], k_idx[:, :S]

@@ -34,12 +34,16 @@ class ForwardContext:
     n_candidates: int  # leading key columns that may hold starting tokens (0: no global branch)
     _rotations: dict = field(default_factory=dict)
 
-    def global_rotations(self, rope: Rope, limit_distance: int, device: torch.device):
-        """(cos, sin) moving queries to position D, and (cos, sin) moving starting keys to 0."""
+    def global_rotations(self, rope: Rope, limit_distance: int, device: torch.device, sinks: bool = False):
+        """(cos, sin) moving queries to position D, and (cos, sin) moving starting keys to 0.
+
+        With `sinks` (StreamingLLM-style baseline) a query never moves past its own position: it
+        is placed at min(D, token index), so a cache that is not full yet keeps true distances."""
         key = (id(rope.rotary), rope.freq_attr, device)  # one entry per rotary embedding and device
         if key not in self._rotations:
             q_pos, g_idx = self.q_pos.to(device), self.k_idx[:, : self.n_candidates].to(device)
-            self._rotations[key] = (rope.cos_sin(limit_distance - q_pos), rope.cos_sin(-g_idx.clamp(min=0)))
+            target = self.q_idx.to(device).clamp(max=limit_distance) if sinks else limit_distance
+            self._rotations[key] = (rope.cos_sin(target - q_pos), rope.cos_sin(-g_idx.clamp(min=0)))
         return self._rotations[key]
 
 

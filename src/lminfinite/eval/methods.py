@@ -5,10 +5,10 @@
 - `sinks`: StreamingLLM-style attention sinks: G starting tokens + a window of L - G recent tokens,
   with positions assigned inside the cache (sink j at position j, the window right after the
   sinks, the newest token at L - 1). Reproduced with `enable(model, n_global=G, n_local=L - G,
-  limit_distance=L - 1, sink_positions="own")`: starting key j is seen at distance L - 1 - j.
-  This is StreamingLLM exactly for queries i < L - G (all in the window) and i >= L (full cache);
-  for L - G <= i < L the starting keys outside the window are seen at distance L - 1 - j where
-  StreamingLLM (whose cache is not full yet) uses the true i - j.
+  limit_distance=L - 1, sink_positions="own")`: starting key j is seen at distance
+  min(L - 1, i) - j. This is StreamingLLM exactly for queries i < L - G (all in the window) and
+  i >= L (full cache); for L - G <= i < L StreamingLLM's cache is not full yet and it also sees
+  the (fewer than G) tokens between the sinks and the window, which this leaves out.
 - `truncate`: each token sees only the latest L tokens, at fresh positions 0..L-1 (no cache:
   the window is recomputed; see `perplexity.truncate_nll` for scoring).
 """
