@@ -223,3 +223,40 @@ def test_crop_rolls_back_inside_the_window_and_refuses_beyond():
     long_cache = lminfinite.prefill(model, torch.randint(3, 101, (1, 5 * L)))
     with pytest.raises(ValueError, match="cannot roll back"):
         long_cache.crop(-2)
+
+
+def test_progress_bars_and_seeded_sampling(capsys):
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    ids = torch.randint(3, 101, (1, 100))
+    nll = lminfinite.score(model, ids, chunk_size=16, progress=True)
+    lminfinite.prefill(model, ids, chunk_size=16, progress=True)
+    err = capsys.readouterr().err
+    assert "score" in err and "prefill" in err and "7/7" in err
+    assert torch.isfinite(nll).all()
+
+    class Tok:  # the smallest tokenizer stream() needs
+        bos_token_id, eos_token_id = 1, 2
+
+        def encode(self, text, add_special_tokens=True):
+            return ([1] if add_special_tokens else []) + [3 + ord(c) % 90 for c in text]
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(i) for i in ids if i > 2)
+
+    def sample(seed):
+        return "".join(
+            lminfinite.stream(
+                model,
+                Tok(),
+                "abc",
+                max_new_tokens=40,
+                do_sample=True,
+                top_k=20,
+                top_p=0.9,
+                temperature=0.8,
+                seed=seed,
+                stop_at_eos=False,
+            )
+        )
+
+    assert sample(3) == sample(3) and sample(3) != sample(4)
