@@ -214,6 +214,10 @@ def test_crop_rolls_back_inside_the_window_and_refuses_beyond():
     model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
     ids = torch.randint(3, 101, (1, 12))
     cache = lminfinite.prefill(model, ids)
+    cache.crop(0)
+    assert cache.get_seq_length() == 12
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(3)
     cache.crop(-4)
     assert cache.get_seq_length() == 8
     with torch.no_grad():

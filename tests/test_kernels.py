@@ -102,3 +102,14 @@ def test_softcap_matches_naive(kernel, backend):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         get_kernel("cuda-magic")
+
+
+@pytest.mark.parametrize("backend", ["torch-masked", "torch"])
+def test_bf16_logits_are_not_rounded_before_softmax(kernel, backend):
+    """Large logits in bf16: the error must stay near the rounding of the output itself."""
+    args = _inputs(1, 4, 2, 96, 96, 64, pads=[0], G=3, dtype=torch.bfloat16, seed=3)
+    kw = dict(n_global=3, n_local=24, scaling=1.0, block_size=16)
+    ref = get_kernel("naive")(*[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
+    out = kernel(backend)(*args, **kw).float()
+    rounding = (ref.to(torch.bfloat16).float() - ref).abs().mean()
+    assert (out - ref).abs().mean() < 2 * rounding

@@ -16,6 +16,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .context import CTX_KWARG
 from .kernels import get_kernel
 from .positions import layer_rope, layer_window
 
@@ -23,10 +24,9 @@ NAME = "lm_infinite"
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The kernel used for `backend` on `device` ("auto": the fastest correct one available)."""
-    if backend != "auto":
-        return backend
-    return "torch"
+    """The kernel used for `backend` on `device`. "auto" is the chunked torch kernel on every device
+    for now: the flex kernel is tested on CPU only and has not been measured on a GPU yet."""
+    return "torch" if backend == "auto" else backend
 
 
 def lambda_attention_forward(
@@ -40,7 +40,7 @@ def lambda_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     state = getattr(module, "_lminfinite", None)
-    ctx = None if state is None else state.ctx
+    ctx = kwargs.get(CTX_KWARG) or (None if state is None else state.ctx)
     if ctx is None:
         raise RuntimeError(
             "lm_infinite attention was called outside a forward of a model enabled with lminfinite.enable(); "

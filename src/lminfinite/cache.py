@@ -189,17 +189,21 @@ class LambdaCache(Cache):
         self.base = self._columns = 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last `-tokens_to_remove` columns (or keep the first `tokens_to_remove`).
+        """Remove the last `-tokens_to_remove` columns (transformers 5 semantics: 0 is a no-op, a
+        positive value is refused).
 
         Possible while nothing has been dropped yet (the stream still fits `n_global + n_local`):
-        afterwards the keys a rollback would need are gone, and this raises."""
-        keep = tokens_to_remove if tokens_to_remove >= 0 else self._columns + tokens_to_remove
+        afterwards the keys a rollback would need are gone, and this raises. (generate()'s assisted
+        decoding still refuses this cache: it is not croppable in general.)"""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove (transformers 5 semantics)")
+        keep = self._columns + tokens_to_remove
         if keep >= self._columns:
             return
         if self.tok is None or self.tok.shape[1] != self._columns or keep < 0:
             raise ValueError(
-                "LambdaCache has dropped the middle of the stream and cannot roll back past its window; "
-                "assisted or speculative decoding needs a stream shorter than n_global + n_local"
+                "LambdaCache has dropped the middle of the stream and cannot roll back past its window "
+                "(a rollback is only possible while the stream is shorter than n_global + n_local)"
             )
         for layer in self.layers:
             if layer.keys is not None:

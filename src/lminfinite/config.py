@@ -23,7 +23,8 @@ class LambdaConfig:
     backend: "auto", "naive" (O(n^2) reference), "torch" (chunked, CPU/GPU) or "flex" (FlexAttention).
     block_size: queries per block in the chunked kernel (None: chosen from `n_local`).
     sink_positions: "zero" (LM-Infinite: every starting key at position 0, so at distance D) or
-        "own" (StreamingLLM-style attention sinks: starting key j keeps position j, distance D - j).
+        "own" (StreamingLLM-style attention sinks: starting key j keeps position j and a query sits at
+        min(D, its index), so the distance is min(D, i) - j).
     """
 
     n_global: int = 10

@@ -7,7 +7,10 @@ the rotary embedding). Before every forward it:
 2. gives each token its index among its row's real tokens (the Λ rule works on these);
 3. replaces `position_ids` with the positions RoPE must use (bounded by the LambdaCache);
 4. swaps in a LambdaCache where transformers would build a DynamicCache;
-5. stores all this in `state.ctx`, where the attention function of every layer reads it.
+5. passes all this down with the forward's keyword arguments (`lminfinite_ctx`), which transformers
+   hands to every layer's attention function, so a layer re-run later (gradient checkpointing) or
+   another thread's forward sees its own context; `state.ctx` keeps the latest one as a fallback
+   for models that do not forward extra keyword arguments.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from transformers.cache_utils import Cache
 from .cache import LambdaCache
 from .config import LambdaConfig
 from .positions import Rope, layer_rope
+
+CTX_KWARG = "lminfinite_ctx"
 
 
 @dataclass
@@ -128,6 +133,7 @@ def make_pre_hook(state: LambdaState, decoder: nn.Module):
         needs_global = cfg.n_global > 0 and q_idx.numel() > 0 and int(q_idx.max()) >= cfg.n_local
         n_cand = candidate_columns(k_idx, cfg.n_global) if needs_global else 0
         state.ctx = ForwardContext(q_idx=q_idx, q_pos=q_pos, k_idx=k_idx, n_candidates=n_cand)
+        kwargs[CTX_KWARG] = state.ctx
         return args, kwargs
 
     return pre_hook

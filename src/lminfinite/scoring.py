@@ -45,7 +45,7 @@ def prefill(
     model: nn.Module,
     input_ids,
     attention_mask=None,
-    chunk_size: int | None = None,
+    chunk_size: int | None = 4096,
     cache=None,
     progress: bool = False,
 ):
@@ -53,7 +53,8 @@ def prefill(
 
     On an enabled model the cache is a LambdaCache holding `n_global + n_local` tokens per row, so
     peak memory depends on `chunk_size + n_global + n_local`, not on `n`. Returns the cache; pass it
-    to `model.generate(full_ids, cache=cache)` or `stream()` to continue.
+    to `model.generate(full_ids, cache=cache)` or `stream()` to continue. Chunks also keep the
+    RoPE positions bounded (below `2 * n_local + chunk_size`); `chunk_size=None` is one forward.
     """
     _check_ids(input_ids, attention_mask)
     cache = _new_cache(model) if cache is None else cache

@@ -85,7 +85,7 @@ def global_piece(qg_b, kg, vg, q_idx_b, g_idx, n_global, n_local, scaling, rep, 
     """The starting keys for a block of queries: (output, log-sum-exp) with -inf where none is seen."""
     B, H, n, _ = qg_b.shape
     Hkv, S = kg.shape[1], kg.shape[2]
-    scores = (qg_b.reshape(B, Hkv, rep * n, -1) @ kg.transpose(-1, -2)).view(B, H, n, S).float() * scaling
+    scores = (qg_b.reshape(B, Hkv, rep * n, -1).float() @ kg.float().transpose(-1, -2)).view(B, H, n, S) * scaling
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     allowed = global_rule(q_idx_b[:, :, None], g_idx[:, None, :], n_global, n_local)
@@ -158,11 +158,12 @@ def _masked_path(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, n_global, n_local, sc
     # About 32M float32 scores per block at most, and a block no longer than the window.
     bq = block_size or max(16, min(n_local, 32 * 2**20 // max(1, H * (n_local + S))))
 
-    # (B, Hkv, rep, T, d) views: heads grouped by the kv head they read.
-    q5 = (q * scaling).view(B, Hkv, rep, Tq, -1)
+    # (B, Hkv, rep, T, d) views: heads grouped by the kv head they read. Logits are taken in float32
+    # (like the naive reference), so bf16/fp16 inputs are not rounded before the softmax.
+    q5 = (q.float() * scaling).view(B, Hkv, rep, Tq, -1)
     if has_global:
-        qg5 = (qg * scaling).view(B, Hkv, rep, Tq, -1)
-        kg_t = kg.transpose(-1, -2)
+        qg5 = (qg.float() * scaling).view(B, Hkv, rep, Tq, -1)
+        kg_t = kg.float().transpose(-1, -2)
     out = q.new_empty(B, Hkv, rep, Tq, dv)
 
     for s in range(0, Tq, bq):
@@ -171,7 +172,7 @@ def _masked_path(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, n_global, n_local, sc
         lo, hi = max(0, s + offset - n_local + 1), e + offset
         kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
         qb = q5[:, :, :, s:e].reshape(B, Hkv, rep * n, -1)
-        scores = (qb @ kb.transpose(-1, -2)).view(B, Hkv, rep, n, hi - lo).float()
+        scores = (qb @ kb.float().transpose(-1, -2)).view(B, Hkv, rep, n, hi - lo)
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
         qi = q_idx[:, s:e, None]
@@ -179,7 +180,7 @@ def _masked_path(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, n_global, n_local, sc
         scores = scores.masked_fill(~allowed[:, None, None], _NEG)
         if has_global:
             gb = qg5[:, :, :, s:e].reshape(B, Hkv, rep * n, -1)
-            gscores = (gb @ kg_t).view(B, Hkv, rep, n, S).float()
+            gscores = (gb @ kg_t).view(B, Hkv, rep, n, S)
             if softcap is not None:
                 gscores = softcap * torch.tanh(gscores / softcap)
             gallowed = global_rule(qi, g_idx[:, None, :], n_global, n_local)
