@@ -193,7 +193,13 @@ def test_stream_keeps_its_cache_across_turns(stories):
     seen = cache.get_seq_length()
     assert seen == len(tok.encode("Once upon a time")) + 30
     second = "".join(lminfinite.stream(model, tok, " Then", cache=cache, max_new_tokens=20))
-    assert second and cache.get_seq_length() == seen + len(tok.encode(" Then", add_special_tokens=False)) + 20
+    seen += len(tok.encode(" Then", add_special_tokens=False)) + 20
+    assert second and cache.get_seq_length() == seen
+    # a caller that stops reading early still leaves every shown token in the cache
+    gen = lminfinite.stream(model, tok, " She", cache=cache)
+    shown = [next(gen) for _ in range(5)]
+    gen.close()
+    assert shown and cache.get_seq_length() == seen + len(tok.encode(" She", add_special_tokens=False)) + 5
     lminfinite.disable(model)
 
 

@@ -78,9 +78,10 @@ def stream(
     next_input = prompt_ids[:, -1:]
     recent: list[int] = ids[-4:]
     produced = 0
-    with torch.no_grad():
+    try:
         while max_new_tokens is None or produced < max_new_tokens:
-            logits = model(input_ids=next_input, cache=cache, use_cache=True).logits[:, -1]
+            with torch.no_grad():
+                logits = model(input_ids=next_input, cache=cache, use_cache=True).logits[:, -1]
             token = int(_pick(logits, do_sample, temperature, top_k, top_p, generator)[0])
             produced += 1
             window = recent[-7:]
@@ -92,5 +93,8 @@ def stream(
                 break
             if piece:
                 yield piece
-        # Feed the last token so the cache holds the whole conversation for the next turn.
-        model(input_ids=next_input, cache=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        # Feed the last token, also when the caller stops early, so the cache holds the whole
+        # conversation for the next turn.
+        with torch.no_grad():
+            model(input_ids=next_input, cache=cache, use_cache=True, logits_to_keep=1)
