@@ -270,3 +270,22 @@ def test_progress_bars_and_seeded_sampling(capsys):
         )
 
     assert sample(3) == sample(3) and sample(3) != sample(4)
+
+
+def test_interrupted_forward_and_short_mask_are_refused():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
+    cache = LambdaCache.for_model(model)
+    layer = model.model.layers[1]
+    handle = layer.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(input_ids=torch.randint(3, 101, (1, 10)), cache=cache)
+    handle.remove()
+    with pytest.raises(ValueError, match="did not finish"):
+        model(input_ids=torch.randint(3, 101, (1, 1)), cache=cache)
+    with pytest.raises(ValueError, match="does not cover"):
+        model(input_ids=torch.randint(3, 101, (1, 5)), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    # a cache stays usable by the same model after enable() is called again with the same (G, L)
+    cache = lminfinite.prefill(model, torch.randint(3, 101, (1, 20)))
+    lminfinite.enable(model, n_global=G, n_local=L)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 101, (1, 1)), cache=cache)

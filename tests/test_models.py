@@ -199,6 +199,13 @@ def test_bad_parameters(kwargs, error):
         lminfinite.enable(tiny_model("llama"), **kwargs)
 
 
+def test_window_beyond_pretraining_length_warns_and_bad_types_fail():
+    with pytest.warns(UserWarning, match="pretraining length 32"):
+        lminfinite.enable(tiny_model("llama"), n_local=64)
+    with pytest.raises(TypeError, match="limit_distance"):
+        lminfinite.enable(tiny_model("llama"), n_local=16, limit_distance=7.5)
+
+
 def test_limit_distance_beyond_window_warns():
     with pytest.warns(UserWarning, match="limit_distance"):
         lminfinite.enable(tiny_model("llama"), n_local=16, limit_distance=20)

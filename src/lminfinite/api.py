@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import NAME, register
 from .config import LambdaConfig, pretraining_length
-from .context import LambdaState, make_pre_hook
+from .context import LambdaState, make_pre_hook, post_hook
 from .positions import find_rope, install_rope_hooks
 
 # Architectures whose positions are absolute: LM-Infinite does not apply to them.
@@ -110,6 +110,19 @@ def _check_architecture(model: nn.Module, rope) -> None:
         )
 
 
+def _warn_if_beyond_pretraining(config, n_local: int) -> None:
+    try:
+        trained = pretraining_length(config)
+    except ValueError:
+        return
+    if n_local > trained:
+        warnings.warn(
+            f"n_local={n_local} exceeds the model's pretraining length {trained}: the window itself then holds "
+            "distances the model never saw",
+            stacklevel=3,
+        )
+
+
 def enable(
     model: nn.Module,
     n_global: int = 10,
@@ -133,6 +146,8 @@ def enable(
     _check_architecture(model, rope)
     if n_local is None:
         n_local = pretraining_length(model.config)
+    else:
+        _warn_if_beyond_pretraining(model.config, n_local)
     config = LambdaConfig(
         n_global=n_global,
         n_local=n_local,
@@ -157,6 +172,7 @@ def enable(
     for module in state.modules:
         module._lminfinite = state
     state.handles.append(decoder.register_forward_pre_hook(make_pre_hook(state, decoder), with_kwargs=True))
+    state.handles.append(decoder.register_forward_hook(post_hook, with_kwargs=True))
     state.handles.extend(install_rope_hooks(rope))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

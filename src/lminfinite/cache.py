@@ -106,6 +106,11 @@ class LambdaCache(Cache):
         B, Tq = valid.shape
         device = valid.device
         G, L = self.n_global, self.n_local
+        if self._plan is not None:
+            raise ValueError(
+                "a previous forward with this LambdaCache did not finish (interrupted?), so its layers are "
+                "out of step; make a new cache"
+            )
         if self.tok is None:
             self.tok = torch.empty(B, 0, dtype=torch.long, device=device)
             self.seen = torch.zeros(B, dtype=torch.long, device=device)
@@ -150,6 +155,10 @@ class LambdaCache(Cache):
             "shift_cos_sin": shift_cos_sin,
         }
         return q_idx, q_pos, full_tok
+
+    def finish(self) -> None:
+        """Mark the forward planned by `begin()` as done (called after each forward)."""
+        self._plan = None
 
     def check_compatible(self, n_global: int, n_local: int, num_layers: int, owner: int) -> None:
         """Refuse a cache made for another model or another (G, L)."""

@@ -35,7 +35,7 @@ class LambdaConfig:
     sink_positions: str = "zero"
 
     def __post_init__(self) -> None:
-        for name in ("n_global", "n_local"):
+        for name in ("n_global", "n_local") + (("limit_distance",) if self.limit_distance is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -78,6 +78,11 @@ def _padding(attention_mask, batch: int, q_len: int, device) -> torch.Tensor:
         return torch.ones(batch, q_len, dtype=torch.bool, device=device)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         raise ValueError("lminfinite needs a 2D padding attention_mask (batch, length) or None")
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < q_len:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the {batch} x {q_len} input "
+            "(it must span the past tokens and the new ones)"
+        )
     mask = attention_mask.to(device=device, dtype=torch.bool)
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("lminfinite supports left padding only (no padding after a real token)")
@@ -123,7 +128,7 @@ def make_pre_hook(state: LambdaState, decoder: nn.Module):
         if cache is not None:
             kwargs[cache_kw] = cache
             kwargs["use_cache"] = True
-            cache.check_compatible(cfg.n_global, cfg.n_local, state.num_layers, id(state))
+            cache.check_compatible(cfg.n_global, cfg.n_local, state.num_layers, id(module))
             layer_ropes = {m.layer_idx: layer_rope(state.rope, m) for m in state.modules}
             q_idx, q_pos, k_idx = cache.begin(valid, state.rope, layer_ropes)
         else:
@@ -137,3 +142,10 @@ def make_pre_hook(state: LambdaState, decoder: nn.Module):
         return args, kwargs
 
     return pre_hook
+
+
+def post_hook(module, args, kwargs, output):
+    """After a forward: its cache layout is complete (see `LambdaCache.begin`)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, LambdaCache):
+        cache.finish()
