@@ -20,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .positions import Rope
+from .rule import token_indices
 
 
 class LambdaLayer(DynamicLayer):
@@ -117,7 +118,7 @@ class LambdaCache(Cache):
         elif self.tok.shape[0] != B:
             raise ValueError(f"this LambdaCache holds a batch of {self.tok.shape[0]} rows, the input has {B}")
         seen = self.seen.to(device)
-        q_idx = torch.where(valid, seen[:, None] + valid.long().cumsum(1) - 1, -1)
+        q_idx = token_indices(valid, seen)
         new_seen = seen + valid.long().sum(1)
 
         shift = 0

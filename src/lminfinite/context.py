@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache
 from .cache import LambdaCache
 from .config import LambdaConfig
 from .positions import Rope, layer_rope
+from .rule import token_indices
 
 CTX_KWARG = "lminfinite_ctx"
 
@@ -132,7 +133,7 @@ def make_pre_hook(state: LambdaState, decoder: nn.Module):
             layer_ropes = {m.layer_idx: layer_rope(state.rope, m) for m in state.modules}
             q_idx, q_pos, k_idx = cache.begin(valid, state.rope, layer_ropes)
         else:
-            q_idx = torch.where(valid, valid.long().cumsum(1) - 1, -1)
+            q_idx = token_indices(valid)
             q_pos, k_idx = q_idx.clamp(min=0), q_idx
         kwargs["position_ids"] = q_pos
         needs_global = cfg.n_global > 0 and q_idx.numel() > 0 and int(q_idx.max()) >= cfg.n_local

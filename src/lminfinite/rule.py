@@ -25,3 +25,12 @@ def local_rule(q_idx: torch.Tensor, k_idx: torch.Tensor, n_local: int) -> torch.
 def global_rule(q_idx: torch.Tensor, k_idx: torch.Tensor, n_global: int, n_local: int) -> torch.Tensor:
     """True where key `k_idx` is a starting token outside the local window of query `q_idx`."""
     return (k_idx >= 0) & (k_idx < n_global) & (q_idx - k_idx >= n_local)
+
+
+def token_indices(valid: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Token index of each column of a (batch, length) padding mask: real tokens count from `seen`
+    (tokens of the row already seen, default 0), padding gets -1."""
+    idx = valid.long().cumsum(1) - 1
+    if seen is not None:
+        idx = idx + seen[:, None]
+    return torch.where(valid, idx, -1)
