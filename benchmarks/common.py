@@ -113,6 +113,13 @@ def save(name: str, config: dict, rows: list[dict]) -> Path:
     return path
 
 
+def report(name: str, n_local: int, config: dict, rows: list[dict], panel: tuple[str, str], xlabel: str) -> None:
+    """Save a random-Llama benchmark's JSON and its plot (time per token and `panel` against length/L)."""
+    save(name, {"model": {"random Llama": REALISTIC}, "n_local": n_local, "n_global": 10, **config}, rows)
+    title = f"{name.capitalize()}, random Llama (hidden 2048, 16 heads, 4 KV heads, 4 layers), L={n_local}"
+    plot(name, rows, "mult", [("ms_per_token", "ms per token"), panel], xlabel, title)
+
+
 def plot(name: str, rows: list[dict], x: str, ys: list[tuple[str, str]], xlabel: str, title: str) -> Path:
     """One panel per (key, label) in `ys`, one line per method."""
     import matplotlib

@@ -11,7 +11,7 @@ same decoding loop. Random-weight Llama of realistic width.
 from __future__ import annotations
 
 import torch
-from common import REALISTIC, parse_args, peak_rss_mb, plot, realistic_model, run_point, save, timed
+from common import parse_args, peak_rss_mb, realistic_model, report, run_point, timed
 from transformers import DynamicCache
 
 import lminfinite
@@ -73,16 +73,7 @@ def main(argv=None) -> list[dict]:
             row = run_point(__file__, method=method, n_local=args.n_local, context=m * args.n_local, steps=args.steps)
             print(f"decode {method:10s} {m:3d}L {row['ms_per_token']:7.2f} ms/token  cache {row['cache_mb']:7.1f} MB")
             rows.append(row)
-    config = {"model": {"random Llama": REALISTIC}, "n_local": args.n_local, "n_global": 10, "steps": args.steps}
-    save("decode", config, rows)
-    plot(
-        "decode",
-        rows,
-        "mult",
-        [("ms_per_token", "ms per token"), ("cache_mb", "KV cache (MB)")],
-        "context length / L",
-        f"Decode, random Llama (hidden 2048, 16 heads, 4 KV heads, 4 layers), L={args.n_local}",
-    )
+    report("decode", args.n_local, {"steps": args.steps}, rows, ("cache_mb", "KV cache (MB)"), "context length / L")
     return rows
 
 

@@ -10,7 +10,7 @@ width (speed does not depend on the weights).
 from __future__ import annotations
 
 import torch
-from common import REALISTIC, parse_args, peak_rss_mb, plot, realistic_model, reset_peak_rss, run_point, save, timed
+from common import parse_args, peak_rss_mb, realistic_model, report, reset_peak_rss, run_point, timed
 
 import lminfinite
 
@@ -55,15 +55,13 @@ def main(argv=None) -> list[dict]:
             print(f"prefill {method:10s} {m:3d}L {row['ms_per_token']:7.3f} ms/token", end="  ")
             print(f"peak {row['peak_rss_mb']:7.0f} MB")
             rows.append(row)
-    config = {"model": {"random Llama": REALISTIC}, "n_local": args.n_local, "n_global": 10, "chunk_size": args.n_local}
-    save("prefill", config, rows)
-    plot(
+    report(
         "prefill",
+        args.n_local,
+        {"chunk_size": args.n_local},
         rows,
-        "mult",
-        [("ms_per_token", "ms per token"), ("peak_rss_mb", "peak RSS (MB)")],
+        ("peak_rss_mb", "peak RSS (MB)"),
         "input length / L",
-        f"Prefill, random Llama (hidden 2048, 16 heads, 4 KV heads, 4 layers), L={args.n_local}",
     )
     return rows
 
