@@ -60,6 +60,17 @@ def _gemma3(layers, window=8, types=None):
 
 # family -> function(num_layers) -> config. A 1-layer config has a global-branch layer (full attention,
 # or a sliding window wider than the n_local the tests use) so the distance cap can be observed.
+# GPT-J and CodeGen: interleaved rotary on 8 dims, a sin/cos table of 32 positions.
+GPTJ_LIKE = dict(
+    vocab_size=V,
+    n_embd=64,
+    n_head=4,
+    rotary_dim=8,
+    n_positions=32,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.1,
+)
 CONFIGS = {
     "mistral": lambda n: transformers.MistralConfig(**COMMON, num_hidden_layers=n, sliding_window=None),
     # Sliding window wider than the tests' n_local (16) but inside the context: cut to the Λ shape.
@@ -89,28 +100,8 @@ CONFIGS = {
     "gpt_neox": lambda n: transformers.GPTNeoXConfig(**COMMON, num_hidden_layers=n, rotary_pct=0.25),
     "stablelm": lambda n: transformers.StableLmConfig(**COMMON, num_hidden_layers=n),
     "phi": lambda n: transformers.PhiConfig(**COMMON, num_hidden_layers=n),
-    "gptj": lambda n: transformers.GPTJConfig(
-        vocab_size=V,
-        n_embd=64,
-        n_layer=n,
-        n_head=4,
-        rotary_dim=8,
-        n_positions=32,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.1,
-    ),
-    "codegen": lambda n: transformers.CodeGenConfig(
-        vocab_size=V,
-        n_embd=64,
-        n_layer=n,
-        n_head=4,
-        rotary_dim=8,
-        n_positions=32,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.1,
-    ),
+    "gptj": lambda n: transformers.GPTJConfig(**GPTJ_LIKE, n_layer=n),
+    "codegen": lambda n: transformers.CodeGenConfig(**GPTJ_LIKE, n_layer=n),
     "cohere": lambda n: transformers.CohereConfig(**COMMON, num_hidden_layers=n, logit_scale=1.0),
     # Layer 0 with RoPE, layer 1 without (1 layer: the NoPE one).
     "smollm3": lambda n: transformers.SmolLM3Config(**COMMON, num_hidden_layers=n, no_rope_layers=[1, 0][-n:]),

@@ -72,10 +72,12 @@ def test_attention_function_matches_the_written_method(backend, G, L, D):
     q, k = _rot(q_raw, rotary, pos), _rot(k_raw, rotary, pos)
 
     cfg = LambdaConfig(n_global=G, n_local=L, limit_distance=D, backend=backend, block_size=5)
-    state = LambdaState(config=cfg, rope=Rope(rotary), num_layers=1, previous_attn="sdpa")
+    rope = Rope(rotary)
+    state = LambdaState(config=cfg, num_layers=1, previous_attn="sdpa", layer_ropes={0: rope})
     idx = pos[None]
     state.ctx = ForwardContext(q_idx=idx, q_pos=idx, k_idx=idx, n_candidates=candidate_columns(idx, G))
     module = torch.nn.Module()
+    module.layer_idx = 0
     module._lminfinite = state
     out, _ = lambda_attention_forward(module, q, k, v, None, scaling=d**-0.5)
 

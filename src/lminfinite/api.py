@@ -15,7 +15,7 @@ from torch import nn
 from .attention import NAME, register
 from .config import LambdaConfig, pretraining_length
 from .context import LambdaState, make_pre_hook, post_hook
-from .positions import find_rope, install_rope_hooks
+from .positions import find_rope, install_rope_hooks, layer_rope
 
 # Architectures whose positions are absolute: LM-Infinite does not apply to them.
 ABSOLUTE_POSITION_TYPES = {
@@ -162,13 +162,13 @@ def enable(
     text_config = model.config.get_text_config(decoder=True)
     state = LambdaState(
         config=config,
-        rope=rope,
         num_layers=text_config.num_hidden_layers,
         previous_attn=model.config._attn_implementation,
     )
     state.modules = _attention_modules(decoder)
     if not state.modules:
         raise ValueError(f"found no attention layers in {type(model).__name__}")
+    state.layer_ropes = {module.layer_idx: layer_rope(rope, module) for module in state.modules}
     for module in state.modules:
         module._lminfinite = state
     state.handles.append(decoder.register_forward_pre_hook(make_pre_hook(state, decoder), with_kwargs=True))

@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .context import CTX_KWARG
 from .kernels import get_kernel
-from .positions import layer_rope, layer_window
+from .positions import layer_window
 
 NAME = "lm_infinite"
 
@@ -55,7 +55,7 @@ def lambda_attention_forward(
     device = query.device
     q_idx, k_idx = ctx.q_idx.to(device), ctx.k_idx.to(device)
     # Per layer: its own RoPE (None: a layer without RoPE) and its own sliding window.
-    rope = layer_rope(state.rope, module)
+    rope = state.layer_ropes[module.layer_idx]
     n_local, has_global = layer_window(cfg.n_local, kwargs.get("sliding_window"))
     qg = kg = vg = g_idx = None
     S = ctx.n_candidates if has_global else 0

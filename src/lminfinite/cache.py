@@ -40,7 +40,7 @@ class LambdaLayer(DynamicLayer):
         if plan is None:
             raise RuntimeError("LambdaCache.update called outside a forward of an lminfinite-enabled model")
         keys, values = self.keys, self.values
-        rope = plan["layer_ropes"].get(self.layer_idx, plan["rope"])
+        rope = plan["layer_ropes"][self.layer_idx]
         if plan["shift"] and keys.numel() and rope is not None:
             keys = rope.rotate(keys, *plan["shift_cos_sin"](rope, keys.device))
         full_k = torch.cat([keys, key_states], dim=-2)
@@ -98,7 +98,7 @@ class LambdaCache(Cache):
         return 2 * self.n_local
 
     def begin(
-        self, valid: torch.Tensor, rope: Rope | None, layer_ropes: dict | None = None
+        self, valid: torch.Tensor, layer_ropes: dict[int, Rope | None]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Plan the layout for a forward of new columns with padding mask `valid` (batch, q_len).
 
@@ -122,7 +122,7 @@ class LambdaCache(Cache):
         new_seen = seen + valid.long().sum(1)
 
         shift = 0
-        if rope is not None and B and Tq:
+        if any(r is not None for r in layer_ropes.values()) and B and Tq:
             # Every starting token must be out of every new query's window before re-basing.
             far_enough = int(seen.min()) >= G + L - 1
             if far_enough and int(new_seen.max()) - 1 - self.base > self.position_bound:
@@ -151,8 +151,7 @@ class LambdaCache(Cache):
         self._plan = {
             "shift": shift,
             "keep": keep,
-            "rope": rope,
-            "layer_ropes": layer_ropes or {},
+            "layer_ropes": layer_ropes,
             "shift_cos_sin": shift_cos_sin,
         }
         return q_idx, q_pos, full_tok

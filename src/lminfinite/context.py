@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 
 from .cache import LambdaCache
 from .config import LambdaConfig
-from .positions import Rope, layer_rope
+from .positions import Rope
 from .rule import token_indices
 
 CTX_KWARG = "lminfinite_ctx"
@@ -58,11 +58,11 @@ class LambdaState:
     """Everything enable() attached to a model."""
 
     config: LambdaConfig
-    rope: Rope | None
     num_layers: int
     previous_attn: str
     handles: list = field(default_factory=list)
     modules: list = field(default_factory=list)
+    layer_ropes: dict = field(default_factory=dict)  # layer_idx -> the Rope that layer applies (None: no RoPE)
     ctx: ForwardContext | None = None
 
 
@@ -130,8 +130,7 @@ def make_pre_hook(state: LambdaState, decoder: nn.Module):
             kwargs[cache_kw] = cache
             kwargs["use_cache"] = True
             cache.check_compatible(cfg.n_global, cfg.n_local, state.num_layers, id(module))
-            layer_ropes = {m.layer_idx: layer_rope(state.rope, m) for m in state.modules}
-            q_idx, q_pos, k_idx = cache.begin(valid, state.rope, layer_ropes)
+            q_idx, q_pos, k_idx = cache.begin(valid, state.layer_ropes)
         else:
             q_idx = token_indices(valid)
             q_pos, k_idx = q_idx.clamp(min=0), q_idx
