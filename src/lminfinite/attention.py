@@ -18,6 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .context import CTX_KWARG
 from .kernels import get_kernel
+from .kernels.topk import Middle
 from .positions import layer_window
 
 NAME = "lm_infinite"
@@ -54,20 +55,24 @@ def lambda_attention_forward(
         )
     device = query.device
     q_idx, k_idx = ctx.q_idx.to(device), ctx.k_idx.to(device)
-    # Per layer: its own RoPE (None: a layer without RoPE) and its own sliding window.
+    # Per layer: its own RoPE (None: ALiBi or a layer without RoPE) and its own sliding window.
     rope = state.layer_ropes[module.layer_idx]
+    alibi = state.alibi_on(device)
     n_local, has_global = layer_window(cfg.n_local, kwargs.get("sliding_window"))
-    qg = kg = vg = g_idx = None
     S = ctx.n_candidates if has_global else 0
-    if S > 0:
-        qg, kg = query, key[:, :, :S]
+    M = ctx.n_middle if has_global and cfg.uses_top_k(module.layer_idx) else 0
+    qg = kg = vg = g_idx = middle = None
+    if S > 0 or M > 0:
+        qg, kg, km = query, key[:, :, :S], key[:, :, :M]
         if rope is not None:
-            (qcos, qsin), (gcos, gsin) = ctx.global_rotations(
-                rope, cfg.limit_distance, device, sinks=cfg.sink_positions == "own"
-            )
-            qg = rope.rotate(query, qcos, qsin)
-            kg = kg if cfg.sink_positions == "own" else rope.rotate(kg, gcos, gsin)
+            sinks = cfg.sink_positions == "own"
+            qg = rope.rotate(query, *ctx.query_rotation(rope, cfg.limit_distance, device, sinks))
+            if not sinks:  # far keys back to position 0
+                kg = rope.rotate(kg, *ctx.key_rotation(rope, S, device))
+                km = rope.rotate(km, *ctx.key_rotation(rope, M, device))
         vg, g_idx = value[:, :, :S], k_idx[:, :S]
+        if M > 0:
+            middle = Middle(km, value[:, :, :M], k_idx[:, :M], cfg.top_k)
     kernel = get_kernel(resolve_backend(cfg.backend, device))
     out = kernel(
         query,
@@ -84,6 +89,8 @@ def lambda_attention_forward(
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         softcap=kwargs.get("softcap"),
         block_size=cfg.block_size,
+        alibi=alibi,
+        middle=middle,
     )
     return out.transpose(1, 2).contiguous(), None
 

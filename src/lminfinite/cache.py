@@ -2,16 +2,19 @@
 
 Each row keeps the key/value columns holding its first `n_global` real tokens and the last
 `n_local - 1` columns (what the next query can see); the middle is dropped, so memory is constant
-however long the stream. All layers share one column layout, decided once per forward in
-`begin()`: the token index of every column, which columns survive, and the re-basing of positions.
+however long the stream. With `keep_middle` (the top-k extension) nothing is dropped, and memory
+grows with the stream. All layers share one column layout, decided once per forward in `begin()`:
+the token index and RoPE position of every column, which columns survive, and the re-basing.
 
 Bounded positions. Keys are stored rotated (RoPE) at model positions `p = t - base`, where `t`
 counts a row's real tokens and `base` is a shared offset. When the next position would pass
 `2 * n_local` (and every row is far enough that its starting tokens are only seen through the
 global branch), `base` moves forward to `min(seen) - n_local` and the stored window keys are
-rotated back by the shift. Each row's starting keys keep `base = 0` forever (the global branch
-re-rotates them from their own small positions), so no key is rotated more than a handful of
-times, and the positions given to RoPE stay below `2 * n_local + chunk length` for any stream.
+rotated back by the shift. Only keys inside the window move: each row's starting keys keep
+`base = 0` forever, and a key that leaves the window keeps the position it had (the far-key branch
+re-rotates both from their own small positions, known per column in `pos`), so no key is rotated
+more than a handful of times, and the positions given to RoPE stay below `2 * n_local + chunk
+length` for any stream.
 """
 
 from __future__ import annotations
@@ -75,11 +78,14 @@ class LambdaCache(Cache):
     `lminfinite.prefill`); build one yourself with `LambdaCache.for_model(model)`.
     """
 
-    def __init__(self, n_global: int, n_local: int, num_layers: int):
+    def __init__(self, n_global: int, n_local: int, num_layers: int, keep_middle: bool = False):
         self.n_global, self.n_local = int(n_global), int(n_local)
+        self.keep_middle = bool(keep_middle)
         super().__init__(layers=[LambdaLayer(self, i) for i in range(num_layers)])
         self.owner: int | None = None  # id of the model state that filled it
         self.tok: torch.Tensor | None = None  # (batch, stored columns) token index, -1 = padding
+        self.pos: torch.Tensor | None = None  # (batch, stored columns) RoPE position each stored key is at
+        self.moving: torch.Tensor | None = None  # (batch, stored columns) keys that follow the base (window)
         self.seen: torch.Tensor | None = None  # (batch,) real tokens seen per row
         self.base = 0  # positions given to RoPE are token index - base (window) or token index (sinks)
         self._columns = 0  # columns seen (padding included), what generate() slices by
@@ -87,11 +93,12 @@ class LambdaCache(Cache):
 
     @classmethod
     def for_model(cls, model) -> LambdaCache:
-        """An empty LambdaCache matching an enabled model's (G, L) and depth."""
+        """An empty LambdaCache matching an enabled model's (G, L), depth and top-k setting."""
         state = getattr(model, "_lminfinite", None)
         if state is None:
             raise ValueError("call lminfinite.enable(model) before creating a LambdaCache for it")
-        return cls(state.config.n_global, state.config.n_local, state.num_layers)
+        cfg = state.config
+        return cls(cfg.n_global, cfg.n_local, state.num_layers, keep_middle=cfg.top_k > 0)
 
     @property
     def position_bound(self) -> int:
@@ -99,11 +106,11 @@ class LambdaCache(Cache):
 
     def begin(
         self, valid: torch.Tensor, layer_ropes: dict[int, Rope | None]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Plan the layout for a forward of new columns with padding mask `valid` (batch, q_len).
 
-        Returns the new tokens' indices, their RoPE positions, and the indices of all key columns
-        the layers will return (stored + new)."""
+        Returns the new tokens' indices and RoPE positions, and the token indices and RoPE positions
+        of all key columns the layers will return (stored + new)."""
         B, Tq = valid.shape
         device = valid.device
         G, L = self.n_global, self.n_local
@@ -113,7 +120,8 @@ class LambdaCache(Cache):
                 "out of step; make a new cache"
             )
         if self.tok is None:
-            self.tok = torch.empty(B, 0, dtype=torch.long, device=device)
+            self.tok = self.pos = torch.empty(B, 0, dtype=torch.long, device=device)
+            self.moving = torch.empty(B, 0, dtype=torch.bool, device=device)
             self.seen = torch.zeros(B, dtype=torch.long, device=device)
         elif self.tok.shape[0] != B:
             raise ValueError(f"this LambdaCache holds a batch of {self.tok.shape[0]} rows, the input has {B}")
@@ -127,23 +135,27 @@ class LambdaCache(Cache):
             far_enough = int(seen.min()) >= G + L - 1
             if far_enough and int(new_seen.max()) - 1 - self.base > self.position_bound:
                 shift = max(0, int(seen.min()) - L - self.base)
-        old_tok = self.tok.to(device)
+        old_tok, moving = self.tok.to(device), self.moving.to(device)
         self.base += shift
         q_pos = (q_idx - self.base).clamp(min=0)
+        # Stored window keys move to the new base; starting keys and keys past the window stay.
+        delta = torch.where(moving, -shift, 0)
 
         full_tok = torch.cat([old_tok, q_idx], dim=1)
+        full_pos = torch.cat([self.pos.to(device) + delta, q_pos], dim=1)
         total = full_tok.shape[1]
-        sink = ((full_tok >= 0) & (full_tok < G)).any(0)
-        keep_mask = sink.clone()
+        window = torch.zeros(total, dtype=torch.bool, device=device)
         if L > 1:
-            keep_mask[max(0, total - (L - 1)) :] = True
-        keep = None if bool(keep_mask.all()) else keep_mask.nonzero().squeeze(1)
-        self.tok = full_tok if keep is None else full_tok.index_select(1, keep)
+            window[max(0, total - (L - 1)) :] = True
+        keep_mask = window | ((full_tok >= 0) & (full_tok < G)).any(0)
+        keep = None if self.keep_middle or bool(keep_mask.all()) else keep_mask.nonzero().squeeze(1)
+        full_moving = (full_tok >= G) & window
+        if keep is None:
+            self.tok, self.pos, self.moving = full_tok, full_pos, full_moving
+        else:
+            self.tok, self.pos, self.moving = (t.index_select(1, keep) for t in (full_tok, full_pos, full_moving))
         self.seen = new_seen
         self._columns += Tq
-
-        # Stored keys move to the new base, except each row's starting tokens (they stay at t).
-        delta = torch.where(old_tok >= G, -shift, 0)
 
         def shift_cos_sin(layer_rope, dev):
             return layer_rope.cos_sin(delta.to(dev))
@@ -154,18 +166,27 @@ class LambdaCache(Cache):
             "layer_ropes": layer_ropes,
             "shift_cos_sin": shift_cos_sin,
         }
-        return q_idx, q_pos, full_tok
+        return q_idx, q_pos, full_tok, full_pos
 
     def finish(self) -> None:
         """Mark the forward planned by `begin()` as done (called after each forward)."""
         self._plan = None
 
-    def check_compatible(self, n_global: int, n_local: int, num_layers: int, owner: int) -> None:
-        """Refuse a cache made for another model or another (G, L)."""
+    def check_compatible(
+        self, n_global: int, n_local: int, num_layers: int, owner: int, keep_middle: bool = False
+    ) -> None:
+        """Refuse a cache made for another model, another (G, L) or another top-k setting."""
         if (self.n_global, self.n_local) != (n_global, n_local):
             raise ValueError(
                 f"this LambdaCache was made for n_global={self.n_global}, n_local={self.n_local}; the model is "
                 f"enabled with n_global={n_global}, n_local={n_local}. Make a new cache."
+            )
+        if self.keep_middle != keep_middle:
+            raise ValueError(
+                "the model is enabled with top_k > 0, which needs a LambdaCache that keeps the middle "
+                "(LambdaCache.for_model(model))"
+                if keep_middle
+                else "this LambdaCache keeps the middle (top-k), the model is enabled without top_k; make a new cache"
             )
         if len(self.layers) != num_layers:
             raise ValueError(f"this LambdaCache has {len(self.layers)} layers, the model has {num_layers}")
@@ -175,34 +196,33 @@ class LambdaCache(Cache):
             raise ValueError("this LambdaCache holds another model's keys and values; make a new cache")
 
     # Batch bookkeeping: the shared layout follows the layers.
+    def _rows(self, fn) -> None:
+        if self.tok is not None:
+            self.tok, self.pos, self.moving, self.seen = (fn(t) for t in (self.tok, self.pos, self.moving, self.seen))
+
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        if self.tok is not None:
-            self.tok = self.tok.index_select(0, beam_idx.to(self.tok.device))
-            self.seen = self.seen.index_select(0, beam_idx.to(self.seen.device))
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        if self.tok is not None:
-            self.tok = self.tok.repeat_interleave(repeats, dim=0)
-            self.seen = self.seen.repeat_interleave(repeats, dim=0)
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        if self.tok is not None:
-            self.tok, self.seen = self.tok[indices], self.seen[indices]
+        self._rows(lambda t: t[indices])
 
     def reset(self):
         super().reset()
-        self.tok = self.seen = self._plan = None
+        self.tok = self.pos = self.moving = self.seen = self._plan = None
         self.base = self._columns = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` columns (transformers 5 semantics: 0 is a no-op, a
         positive value is refused).
 
-        Possible while nothing has been dropped yet (the stream still fits `n_global + n_local`):
-        afterwards the keys a rollback would need are gone, and this raises. (generate()'s assisted
+        Possible while nothing has been dropped yet (the stream still fits `n_global + n_local`, or the
+        cache keeps the middle): afterwards the keys a rollback would need are gone, and this raises. (generate()'s assisted
         decoding still refuses this cache: it is not croppable in general.)"""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove (transformers 5 semantics)")
@@ -214,10 +234,16 @@ class LambdaCache(Cache):
                 "LambdaCache has dropped the middle of the stream and cannot roll back past its window "
                 "(a rollback is only possible while the stream is shorter than n_global + n_local)"
             )
+        # The columns that re-enter the window must sit where the window's keys sit (token index - base).
+        lo = max(0, keep - (self.n_local - 1))
+        tok, pos = self.tok[:, lo:keep], self.pos[:, lo:keep]
+        if bool(((tok >= self.n_global) & (pos != tok - self.base)).any()):
+            raise ValueError("LambdaCache cannot roll back this far: its positions were re-based since")
         for layer in self.layers:
             if layer.keys is not None:
                 layer.keys, layer.values = layer.keys[..., :keep, :], layer.values[..., :keep, :]
-        self.tok = self.tok[:, :keep]
+        self.tok, self.pos, self.moving = self.tok[:, :keep], self.pos[:, :keep], self.moving[:, :keep].clone()
+        self.moving[:, lo:keep] = tok >= self.n_global
         self.seen = (self.tok >= 0).sum(1)
         self._columns = keep
 

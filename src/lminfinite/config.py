@@ -25,6 +25,10 @@ class LambdaConfig:
     sink_positions: "zero" (LM-Infinite: every starting key at position 0, so at distance D) or
         "own" (StreamingLLM-style attention sinks: starting key j keeps position j and a query sits at
         min(D, its index), so the distance is min(D, i) - j).
+    top_k: the optional top-k extension (0: off): in layers >= `top_k_from_layer`, each query also
+        attends the `top_k` middle keys with the highest logits, scored and seen at distance D. The
+        cache then keeps the middle, so memory grows with the stream.
+    top_k_from_layer: the first layer that uses top-k.
     """
 
     n_global: int = 10
@@ -33,9 +37,12 @@ class LambdaConfig:
     backend: str = "auto"
     block_size: int | None = None
     sink_positions: str = "zero"
+    top_k: int = 0
+    top_k_from_layer: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_global", "n_local") + (("limit_distance",) if self.limit_distance is not None else ()):
+        optional = ("limit_distance",) if self.limit_distance is not None else ()
+        for name in ("n_global", "n_local", "top_k", "top_k_from_layer") + optional:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -58,8 +65,17 @@ class LambdaConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.sink_positions not in ("zero", "own"):
             raise ValueError(f"sink_positions must be 'zero' or 'own', got {self.sink_positions!r}")
+        if self.top_k < 0 or self.top_k_from_layer < 0:
+            raise ValueError(f"top_k and top_k_from_layer must be >= 0, got {self.top_k}, {self.top_k_from_layer}")
+        if self.top_k and self.sink_positions != "zero":
+            raise ValueError("top_k needs sink_positions='zero' (middle keys are seen at distance D)")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+    def uses_top_k(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` attends top-k middle keys."""
+        return self.top_k > 0 and layer_idx >= self.top_k_from_layer
 
 
 def pretraining_length(config) -> int:

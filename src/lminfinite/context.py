@@ -24,8 +24,8 @@ from transformers.cache_utils import Cache
 
 from .cache import LambdaCache
 from .config import LambdaConfig
-from .positions import Rope
-from .rule import token_indices
+from .positions import Alibi, Rope
+from .rule import middle_rule, token_indices
 
 CTX_KWARG = "lminfinite_ctx"
 
@@ -38,18 +38,31 @@ class ForwardContext:
     q_pos: torch.Tensor  # (batch, q_len) RoPE position of each query
     k_idx: torch.Tensor  # (batch, k_len) token index of each key column the layers see
     n_candidates: int  # leading key columns that may hold starting tokens (0: no global branch)
+    k_pos: torch.Tensor | None = None  # (batch, k_len) RoPE position each key column is at (default: q_pos)
+    n_middle: int = 0  # leading key columns that may hold middle keys (top-k extension; 0 when off)
     _rotations: dict = field(default_factory=dict)
 
-    def global_rotations(self, rope: Rope, limit_distance: int, device: torch.device, sinks: bool = False):
-        """(cos, sin) moving queries to position D, and (cos, sin) moving starting keys to 0.
+    def __post_init__(self) -> None:
+        if self.k_pos is None:
+            self.k_pos = self.q_pos
+
+    def query_rotation(self, rope: Rope, limit_distance: int, device: torch.device, sinks: bool = False):
+        """(cos, sin) moving each query from its position to position D (the far keys' branch).
 
         With `sinks` (StreamingLLM-style baseline) a query never moves past its own position: it
         is placed at min(D, token index), so a cache that is not full yet keeps true distances."""
-        key = (id(rope.rotary), rope.freq_attr, device)  # one entry per rotary embedding and device
+        key = ("q", id(rope.rotary), rope.freq_attr, device)  # one entry per rotary embedding and device
         if key not in self._rotations:
-            q_pos, g_idx = self.q_pos.to(device), self.k_idx[:, : self.n_candidates].to(device)
+            q_pos = self.q_pos.to(device)
             target = self.q_idx.to(device).clamp(max=limit_distance) if sinks else limit_distance
-            self._rotations[key] = (rope.cos_sin(target - q_pos), rope.cos_sin(-g_idx.clamp(min=0)))
+            self._rotations[key] = rope.cos_sin(target - q_pos)
+        return self._rotations[key]
+
+    def key_rotation(self, rope: Rope, columns: int, device: torch.device):
+        """(cos, sin) bringing the first `columns` key columns back to position 0."""
+        key = ("k", id(rope.rotary), rope.freq_attr, device, columns)
+        if key not in self._rotations:
+            self._rotations[key] = rope.cos_sin(-self.k_pos[:, :columns].to(device))
         return self._rotations[key]
 
 
@@ -63,7 +76,17 @@ class LambdaState:
     handles: list = field(default_factory=list)
     modules: list = field(default_factory=list)
     layer_ropes: dict = field(default_factory=dict)  # layer_idx -> the Rope that layer applies (None: no RoPE)
+    alibi: Alibi | None = None  # ALiBi models: the slopes (on the CPU) and D
     ctx: ForwardContext | None = None
+    _alibi_on: dict = field(default_factory=dict)
+
+    def alibi_on(self, device: torch.device) -> Alibi | None:
+        """The model's ALiBi with its slopes on `device` (None for models without ALiBi)."""
+        if self.alibi is None:
+            return None
+        if device not in self._alibi_on:
+            self._alibi_on[device] = Alibi(self.alibi.slopes.to(device), self.alibi.limit_distance)
+        return self._alibi_on[device]
 
 
 def candidate_columns(k_idx: torch.Tensor, n_global: int) -> int:
@@ -71,6 +94,14 @@ def candidate_columns(k_idx: torch.Tensor, n_global: int) -> int:
     if n_global == 0 or k_idx.numel() == 0:
         return 0
     cols = ((k_idx >= 0) & (k_idx < n_global)).any(0).nonzero()
+    return int(cols.max()) + 1 if cols.numel() else 0
+
+
+def middle_columns(q_idx: torch.Tensor, k_idx: torch.Tensor, n_global: int, n_local: int) -> int:
+    """Number of leading key columns that hold some query's middle keys (up to the last one)."""
+    if q_idx.numel() == 0 or k_idx.numel() == 0:
+        return 0
+    cols = middle_rule(q_idx.max(), k_idx, n_global, n_local).any(0).nonzero()
     return int(cols.max()) + 1 if cols.numel() else 0
 
 
@@ -125,19 +156,23 @@ def make_pre_hook(state: LambdaState, decoder: nn.Module):
             cache = None
             use_cache = True
         if cache is None and use_cache:
-            cache = LambdaCache(cfg.n_global, cfg.n_local, state.num_layers)
+            cache = LambdaCache(cfg.n_global, cfg.n_local, state.num_layers, keep_middle=cfg.top_k > 0)
         if cache is not None:
             kwargs[cache_kw] = cache
             kwargs["use_cache"] = True
-            cache.check_compatible(cfg.n_global, cfg.n_local, state.num_layers, id(module))
-            q_idx, q_pos, k_idx = cache.begin(valid, state.layer_ropes)
+            cache.check_compatible(cfg.n_global, cfg.n_local, state.num_layers, id(module), cfg.top_k > 0)
+            q_idx, q_pos, k_idx, k_pos = cache.begin(valid, state.layer_ropes)
         else:
             q_idx = token_indices(valid)
-            q_pos, k_idx = q_idx.clamp(min=0), q_idx
+            q_pos = k_pos = q_idx.clamp(min=0)
+            k_idx = q_idx
         kwargs["position_ids"] = q_pos
-        needs_global = cfg.n_global > 0 and q_idx.numel() > 0 and int(q_idx.max()) >= cfg.n_local
-        n_cand = candidate_columns(k_idx, cfg.n_global) if needs_global else 0
-        state.ctx = ForwardContext(q_idx=q_idx, q_pos=q_pos, k_idx=k_idx, n_candidates=n_cand)
+        beyond = q_idx.numel() > 0 and int(q_idx.max()) >= cfg.n_local
+        n_cand = candidate_columns(k_idx, cfg.n_global) if beyond and cfg.n_global > 0 else 0
+        n_mid = middle_columns(q_idx, k_idx, cfg.n_global, cfg.n_local) if beyond and cfg.top_k > 0 else 0
+        state.ctx = ForwardContext(
+            q_idx=q_idx, q_pos=q_pos, k_idx=k_idx, n_candidates=n_cand, k_pos=k_pos, n_middle=n_mid
+        )
         kwargs[CTX_KWARG] = state.ctx
         return args, kwargs
 

@@ -22,6 +22,10 @@ What differs between families, and where it is handled here:
 - a precomputed sin/cos table sized by the context length (GPT-J, CodeGen): `TableRope`, and a
   hook that grows the table, so the table does not limit the input length;
 - the model's own sliding window (Mistral, Qwen2, Gemma2/3, Phi-3, SmolLM3): `layer_window`.
+
+ALiBi (MPT, Bloom) needs no rotation: a key at distance `t` gets the bias `-slope * t`, so `Alibi`
+holds the per-head slopes and gives the local branch the bias of the true distance and the global
+branch the bias of distance `D`.
 """
 
 from __future__ import annotations
@@ -76,6 +80,30 @@ class Rope:
         if rot == x.shape[-1]:
             return out
         return torch.cat((out, x[..., rot:]), dim=-1)
+
+
+@dataclass(frozen=True)
+class Alibi:
+    """ALiBi: the logit of a key at distance `t` gets `-slope * t` (one slope per head).
+
+    slopes: (heads,) float32, read from the model's own ALiBi function.
+    limit_distance: `D`, the distance at which the global branch sees its keys.
+    """
+
+    slopes: torch.Tensor
+    limit_distance: int
+
+    def bias(self, distance: torch.Tensor | int, head_shape: tuple[int, ...]) -> torch.Tensor:
+        """`-slope * distance`, with the slopes laid out as `head_shape` followed by two singleton
+        (query, key) dimensions, to broadcast against scores whose head dimensions are `head_shape`."""
+        slopes = self.slopes.view(*head_shape, 1, 1)
+        if isinstance(distance, torch.Tensor):
+            slopes = slopes.to(distance.device)
+        return -slopes * distance
+
+    def global_bias(self, head_shape: tuple[int, ...]) -> torch.Tensor:
+        """The bias every global-branch (and top-k middle) key gets: distance `D`."""
+        return self.bias(self.limit_distance, head_shape)
 
 
 @dataclass

@@ -5,7 +5,9 @@ Token indices count the real tokens of a row from 0; padding has index -1. For a
 
 - local branch: `0 <= i - j < L` (seen at its true distance);
 - global branch: `j < G` and `i - j >= L` (seen at distance `D`);
-- otherwise the key is not attended.
+- otherwise the key is not attended; with the optional top-k extension, a middle key
+  (`j >= G` and `i - j >= L`) is attended when it is among the query's `k` best-scoring middle
+  keys, scored and seen at distance `D` like a starting token.
 
 Both functions work elementwise on broadcastable integer tensors (or plain ints), like the mask
 functions of attention-gym, so every kernel calls the same rule on the shapes it needs.
@@ -25,6 +27,12 @@ def local_rule(q_idx: torch.Tensor, k_idx: torch.Tensor, n_local: int) -> torch.
 def global_rule(q_idx: torch.Tensor, k_idx: torch.Tensor, n_global: int, n_local: int) -> torch.Tensor:
     """True where key `k_idx` is a starting token outside the local window of query `q_idx`."""
     return (k_idx >= 0) & (k_idx < n_global) & (q_idx - k_idx >= n_local)
+
+
+def middle_rule(q_idx: torch.Tensor, k_idx: torch.Tensor, n_global: int, n_local: int) -> torch.Tensor:
+    """True where key `k_idx` is a middle token of query `q_idx`: neither a starting token nor in
+    its window (the keys the top-k extension chooses from)."""
+    return (k_idx >= max(n_global, 0)) & (q_idx - k_idx >= n_local)
 
 
 def token_indices(valid: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The FlexAttention kernel (GPU; runs eagerly on CPU for tests).
 
 The local branch is one `flex_attention` call whose block mask is the Λ rule's local part, so
-only the blocks of the band are computed; it returns its log-sum-exp. The global branch (queries
-re-rotated to distance D against the starting keys) is a small second pass, and the two merge
-exactly by log-sum-exp, as in the chunked kernel.
+only the blocks of the band are computed (softcapping and ALiBi biases as a `score_mod`); it
+returns its log-sum-exp. The far keys (starting keys, top-k middle keys: queries re-rotated to
+distance D) are a small second pass, and the two merge exactly by log-sum-exp, as in the chunked
+kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ..rule import local_rule
-from .torch_chunked import global_piece, merge
+from .torch_chunked import Far, global_piece, merge
 
 _compiled = None
 
@@ -30,17 +31,39 @@ def _flex(device: torch.device):
 
 
 def attention(
-    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None, block_size=None
+    q,
+    k,
+    v,
+    q_idx,
+    k_idx,
+    qg,
+    kg,
+    vg,
+    g_idx,
+    *,
+    n_global,
+    n_local,
+    scaling,
+    softcap=None,
+    block_size=None,
+    alibi=None,
+    middle=None,
 ) -> torch.Tensor:
     B, H, Tq, _ = q.shape
     Tk, rep = k.shape[2], H // k.shape[1]
+    slopes = None if alibi is None else alibi.slopes.to(device=q.device, dtype=torch.float32)
 
     def local_mask(b, h, i, j):
         return local_rule(q_idx[b, i], k_idx[b, j], n_local)
 
-    def capped(score, b, h, i, j):
-        return softcap * torch.tanh(score / softcap)
+    def score_mod(score, b, h, i, j):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            score = score - slopes[h] * (q_idx[b, i] - k_idx[b, j])
+        return score
 
+    plain = softcap is None and slopes is None
     block_mask = create_block_mask(local_mask, B, None, Tq, Tk, device=q.device, _compile=q.device.type != "cpu")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -49,14 +72,15 @@ def attention(
             q,
             k,
             v,
-            score_mod=capped if softcap is not None else None,
+            score_mod=None if plain else score_mod,
             block_mask=block_mask,
             scale=scaling,
             enable_gqa=rep > 1,
             return_lse=True,
         )
     pieces = [(out, lse)]
-    if qg is not None and kg.shape[2] > 0:
-        pieces.append(global_piece(qg, kg, vg, q_idx, g_idx, n_global, n_local, scaling, rep, softcap))
+    far = Far(qg, kg, vg, g_idx, middle, alibi, softcap)
+    if far:
+        pieces.append(global_piece(far, 0, Tq, q_idx, n_global, n_local, scaling, rep))
     out = merge(pieces)
     return out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)

@@ -7,29 +7,54 @@ from __future__ import annotations
 
 import torch
 
-from ..rule import global_rule, local_rule
+from ..rule import global_rule, local_rule, middle_rule
+
+
+def _capped(scores, softcap):
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
 
 def attention(
-    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None, block_size=None
+    q,
+    k,
+    v,
+    q_idx,
+    k_idx,
+    qg,
+    kg,
+    vg,
+    g_idx,
+    *,
+    n_global,
+    n_local,
+    scaling,
+    softcap=None,
+    block_size=None,
+    alibi=None,
+    middle=None,
 ) -> torch.Tensor:
-    rep = q.shape[1] // k.shape[1]
+    H, rep = q.shape[1], q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
-    scores = (q.float() @ k.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    allowed = local_rule(q_idx[:, None, :, None], k_idx[:, None, None, :], n_local)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    values = v
+    scores = _capped((q.float() @ k.transpose(-1, -2)) * scaling, softcap)
+    qi = q_idx[:, None, :, None]
+    if alibi is not None:
+        scores = scores + alibi.bias(qi - k_idx[:, None, None, :], (1, H))
+    far_bias = 0.0 if alibi is None else alibi.global_bias((1, H))
+    scores = scores.masked_fill(~local_rule(qi, k_idx[:, None, None, :], n_local), float("-inf"))
+    all_scores, values = [scores], [v]
     if qg is not None and kg.shape[2] > 0:
-        kg, vg = kg.repeat_interleave(rep, 1).float(), vg.repeat_interleave(rep, 1).float()
-        gscores = (qg.float() @ kg.transpose(-1, -2)) * scaling
-        if softcap is not None:
-            gscores = softcap * torch.tanh(gscores / softcap)
-        gallowed = global_rule(q_idx[:, None, :, None], g_idx[:, None, None, :], n_global, n_local)
-        scores = torch.cat([scores, gscores.masked_fill(~gallowed, float("-inf"))], dim=-1)
-        values = torch.cat([v, vg], dim=-2)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    out = probs @ values
+        gscores = _capped((qg.float() @ kg.repeat_interleave(rep, 1).float().transpose(-1, -2)) * scaling, softcap)
+        gallowed = global_rule(qi, g_idx[:, None, None, :], n_global, n_local)
+        all_scores.append((gscores + far_bias).masked_fill(~gallowed, float("-inf")))
+        values.append(vg.repeat_interleave(rep, 1).float())
+    if middle is not None and middle.keys.shape[2] > 0:
+        km = middle.keys.repeat_interleave(rep, 1).float()
+        mscores = _capped((qg.float() @ km.transpose(-1, -2)) * scaling, softcap) + far_bias
+        mscores = mscores.masked_fill(~middle_rule(qi, middle.idx[:, None, None, :], n_global, n_local), float("-inf"))
+        kth = mscores.topk(min(middle.top_k, mscores.shape[-1]), dim=-1).values[..., -1:]
+        all_scores.append(mscores.masked_fill(mscores < kth, float("-inf")))
+        values.append(middle.values.repeat_interleave(rep, 1).float())
+    probs = torch.softmax(torch.cat(all_scores, dim=-1), dim=-1).nan_to_num(0.0)
+    out = probs @ torch.cat(values, dim=-2)
     out = out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)
     return out.to(q.dtype)

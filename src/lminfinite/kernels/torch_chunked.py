@@ -9,8 +9,9 @@ branch. Two paths compute the same thing:
   of the block sees (a full rectangle), and the oldest keys (an anti-causal triangle, which is
   causal once queries and keys are flipped). Each piece runs in PyTorch's fused CPU attention,
   which returns its log-sum-exp; the pieces and the global branch merge exactly by log-sum-exp.
-- Masked path (anything else: padded rows, softcapping, other devices). Scores of the band and of
-  the starting keys are concatenated, the Λ rule masks them, one softmax.
+- Masked path (anything else: padded rows, softcapping, ALiBi, other devices). Scores of the band
+  are masked by the Λ rule; the band and the far keys (starting keys, top-k middle keys) merge by
+  log-sum-exp.
 
 Inputs no longer than `L` without padding are plain causal attention and go to
 `scaled_dot_product_attention` directly. Grouped-query attention never copies the whole cache.
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..rule import global_rule, local_rule
+from . import topk
 
 _NEG = torch.finfo(torch.float32).min  # finite: a padding query gets no NaN
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -51,17 +53,51 @@ def _contiguous_from(k_idx, q_idx, n_local, n_candidates) -> int | None:
 
 
 def attention(
-    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None, block_size=None
+    q,
+    k,
+    v,
+    q_idx,
+    k_idx,
+    qg,
+    kg,
+    vg,
+    g_idx,
+    *,
+    n_global,
+    n_local,
+    scaling,
+    softcap=None,
+    block_size=None,
+    alibi=None,
+    middle=None,
 ) -> torch.Tensor:
     Tq, rep = q.shape[2], q.shape[1] // k.shape[1]
-    if softcap is None and _is_plain_causal(q_idx, k_idx, n_local):
+    plain = softcap is None and alibi is None
+    if plain and _is_plain_causal(q_idx, k_idx, n_local):
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=rep > 1)
-    has_global = qg is not None and kg.shape[2] > 0
-    if softcap is None and _FUSED is not None and q.device.type == "cpu" and n_local > 1 and q.dtype == v.dtype:
-        c0 = _contiguous_from(k_idx, q_idx, n_local, kg.shape[2] if has_global else 0)
+    far = Far(qg, kg, vg, g_idx, middle, alibi, softcap)
+    if plain and _FUSED is not None and q.device.type == "cpu" and n_local > 1 and q.dtype == v.dtype:
+        c0 = _contiguous_from(k_idx, q_idx, n_local, far.n_candidates)
         if c0 is not None:
-            return _band_path(q, k, v, q_idx, c0, qg, kg, vg, g_idx, n_global, n_local, scaling, block_size)
-    return _masked_path(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, n_global, n_local, scaling, softcap, block_size)
+            return _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size)
+    return _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi, block_size)
+
+
+class Far:
+    """The keys a query sees at distance D: the starting keys (global branch) and, with top-k, its
+    best middle keys. `qg` holds the queries re-rotated to D."""
+
+    def __init__(self, qg, kg, vg, g_idx, middle, alibi, softcap):
+        self.qg, self.kg, self.vg, self.g_idx, self.softcap = qg, kg, vg, g_idx, softcap
+        self.n_candidates = kg.shape[2] if qg is not None and kg is not None else 0
+        self.middle = middle if qg is not None and middle is not None and middle.keys.shape[2] > 0 else None
+        self.alibi = alibi
+
+    def __bool__(self) -> bool:
+        return self.n_candidates > 0 or self.middle is not None
+
+    def bias(self, head_shape):
+        return None if self.alibi is None else self.alibi.global_bias(head_shape).to(self.qg.device)
 
 
 # ---------------------------------------------------------------------------------------------- band path
@@ -81,34 +117,45 @@ def _expand(x, rep):
     return x[:, :, None].expand(B, Hkv, rep, m, d).reshape(B, Hkv * rep, m, d)
 
 
-def global_piece(qg_b, kg, vg, q_idx_b, g_idx, n_global, n_local, scaling, rep, softcap=None):
-    """The starting keys for a block of queries: (output, log-sum-exp) with -inf where none is seen."""
+def global_piece(far: Far, s, e, q_idx_b, n_global, n_local, scaling, rep):
+    """The far keys (starting keys, top-k middle keys) of queries [s, e): (output, log-sum-exp) with
+    -inf where none is seen."""
+    qg_b = far.qg[:, :, s:e]
     B, H, n, _ = qg_b.shape
-    Hkv, S = kg.shape[1], kg.shape[2]
-    scores = (qg_b.reshape(B, Hkv, rep * n, -1).float() @ kg.float().transpose(-1, -2)).view(B, H, n, S) * scaling
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    allowed = global_rule(q_idx_b[:, :, None], g_idx[:, None, :], n_global, n_local)
+    Hkv, S = far.kg.shape[1], far.n_candidates
+    bias = far.bias((1, H))
+    scores = (qg_b.reshape(B, Hkv, rep * n, -1).float() @ far.kg.float().transpose(-1, -2)).view(B, H, n, S) * scaling
+    if far.softcap is not None:
+        scores = far.softcap * torch.tanh(scores / far.softcap)
+    if bias is not None:
+        scores = scores + bias
+    allowed = global_rule(q_idx_b[:, :, None], far.g_idx[:, None, :], n_global, n_local)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    if far.middle is not None:
+        top_scores, top_values = topk.select(
+            qg_b, far.middle, q_idx_b, n_global, n_local, scaling, rep, far.softcap, bias
+        )
+        scores = torch.cat([scores, top_scores], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.clamp(min=_NEG)[..., None]).to(vg.dtype)
-    out = (probs.reshape(B, Hkv, rep * n, S) @ vg).view(B, H, n, -1)
+    probs = torch.exp(scores - lse.clamp(min=_NEG)[..., None])
+    out = (probs[..., :S].to(far.vg.dtype).reshape(B, Hkv, rep * n, S) @ far.vg).view(B, H, n, -1)
+    if far.middle is not None:
+        out = out + (probs[..., S:, None] * top_values.float()).sum(-2).to(out.dtype)
     return out, lse
 
 
-def _band_path(q, k, v, q_idx, c0, qg, kg, vg, g_idx, n_global, n_local, scaling, block_size):
+def _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size):
     B, H, Tq, _ = q.shape
     rep = H // k.shape[1]
     kt, vt = k[:, :, c0:], v[:, :, c0:]
     off = kt.shape[2] - Tq  # key column (in kt) of query t is t + off
     bq = min(block_size or max(64, min(256, n_local // 2)), n_local - 1)
-    has_global = qg is not None and kg.shape[2] > 0
     out = torch.empty(B, H, Tq, v.shape[-1], dtype=q.dtype, device=q.device)
     for s in range(0, Tq, bq):
         e = min(s + bq, Tq)
         pieces = _local_pieces(q[:, :, s:e], kt, vt, s + off, e + off, n_local, scaling, rep)
-        if has_global:
-            pieces.append(global_piece(qg[:, :, s:e], kg, vg, q_idx[:, s:e], g_idx, n_global, n_local, scaling, rep))
+        if far:
+            pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, scaling, rep))
         out[:, :, s:e] = merge(pieces)
     return out
 
@@ -140,7 +187,7 @@ def merge(pieces):
         return pieces[0][0]
     lses = torch.stack([lse.float() for _, lse in pieces])
     total = torch.logsumexp(lses, dim=0)
-    weights = torch.exp(lses - total)
+    weights = torch.exp(lses - total.clamp(min=_NEG))  # 0, not NaN, where no piece has a key
     out = sum(o.float() * w[..., None] for (o, _), w in zip(pieces, weights, strict=True))
     return out.to(pieces[0][0].dtype)
 
@@ -148,48 +195,35 @@ def merge(pieces):
 # -------------------------------------------------------------------------------------------- masked path
 
 
-def _masked_path(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, n_global, n_local, scaling, softcap, block_size):
+def _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi, block_size):
     B, H, Tq, _ = q.shape
     Hkv, Tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     rep = H // Hkv
     offset = Tk - Tq  # key column of query t is t + offset
-    has_global = qg is not None and kg.shape[2] > 0
-    S = kg.shape[2] if has_global else 0
     # About 32M float32 scores per block at most, and a block no longer than the window.
-    bq = block_size or max(16, min(n_local, 32 * 2**20 // max(1, H * (n_local + S))))
+    bq = block_size or max(16, min(n_local, 32 * 2**20 // max(1, H * (n_local + far.n_candidates))))
 
     # (B, Hkv, rep, T, d) views: heads grouped by the kv head they read. Logits are taken in float32
     # (like the naive reference), so bf16/fp16 inputs are not rounded before the softmax.
     q5 = (q.float() * scaling).view(B, Hkv, rep, Tq, -1)
-    if has_global:
-        qg5 = (qg.float() * scaling).view(B, Hkv, rep, Tq, -1)
-        kg_t = kg.float().transpose(-1, -2)
-    out = q.new_empty(B, Hkv, rep, Tq, dv)
-
+    out = q.new_empty(B, H, Tq, dv)
     for s in range(0, Tq, bq):
         e = min(s + bq, Tq)
         n = e - s
         lo, hi = max(0, s + offset - n_local + 1), e + offset
-        kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
         qb = q5[:, :, :, s:e].reshape(B, Hkv, rep * n, -1)
-        scores = (qb @ kb.float().transpose(-1, -2)).view(B, Hkv, rep, n, hi - lo)
+        scores = (qb @ k[:, :, lo:hi].float().transpose(-1, -2)).view(B, Hkv, rep, n, hi - lo)
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        qi = q_idx[:, s:e, None]
-        allowed = local_rule(qi, k_idx[:, None, lo:hi], n_local)
-        scores = scores.masked_fill(~allowed[:, None, None], _NEG)
-        if has_global:
-            gb = qg5[:, :, :, s:e].reshape(B, Hkv, rep * n, -1)
-            gscores = (gb @ kg_t).view(B, Hkv, rep, n, S)
-            if softcap is not None:
-                gscores = softcap * torch.tanh(gscores / softcap)
-            gallowed = global_rule(qi, g_idx[:, None, :], n_global, n_local)
-            scores = torch.cat([scores, gscores.masked_fill(~gallowed[:, None, None], _NEG)], dim=-1)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        ob = probs[..., : hi - lo].reshape(B, Hkv, rep * n, hi - lo) @ vb
-        if has_global:
-            ob = ob + probs[..., hi - lo :].reshape(B, Hkv, rep * n, S) @ vg
-        out[:, :, :, s:e] = ob.view(B, Hkv, rep, n, dv)
-
-    out = out.view(B, H, Tq, dv)
+        qi, ki = q_idx[:, s:e, None], k_idx[:, None, lo:hi]
+        if alibi is not None:
+            scores = scores + alibi.bias((qi - ki)[:, None, None], (1, Hkv, rep))
+        scores = scores.masked_fill(~local_rule(qi, ki, n_local)[:, None, None], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.clamp(min=_NEG)[..., None]).to(v.dtype)
+        ob = (probs.reshape(B, Hkv, rep * n, hi - lo) @ v[:, :, lo:hi]).view(B, H, n, dv)
+        pieces = [(ob, lse.view(B, H, n))]
+        if far:
+            pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, scaling, rep))
+        out[:, :, s:e] = merge(pieces)
     return out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)

@@ -1,0 +1,62 @@
+"""The optional top-k extension: each query also attends its `k` best-scoring middle keys.
+
+As in the official code's top-k attention, a middle key (neither a starting token nor in the
+query's window) is scored like a starting token, at distance `D`: the query re-rotated to `D`
+against the key at position 0 (RoPE), or with the bias of distance `D` (ALiBi). Per query and
+head, the `k` highest of these logits join the softmax at those values.
+
+Scoring every middle key is O(n) per query, and the middle must be kept in the cache, so memory
+grows with the stream: that is the price of the extension, which is off unless asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..rule import middle_rule
+
+_SCORES_PER_PASS = 2**24  # float32 middle scores held at once (64 MB)
+
+
+@dataclass
+class Middle:
+    """The keys the top-k extension chooses from, for one layer and one forward.
+
+    keys: (batch, kv_heads, M, d) the first M key columns, brought to position 0 (RoPE).
+    values: (batch, kv_heads, M, dv); idx: (batch, M) their token indices (-1: padding).
+    top_k: how many middle keys each query attends.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    idx: torch.Tensor
+    top_k: int
+
+
+def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=None, bias=None):
+    """For queries `qg` (batch, heads, n, d) at distance D: the logits of their top-k middle keys
+    (batch, heads, n, k), -inf where a query has fewer middle keys, and those keys' values
+    (batch, heads, n, k, dv)."""
+    B, H, n, _ = qg.shape
+    Hkv, M, dv = middle.keys.shape[1], middle.keys.shape[2], middle.values.shape[-1]
+    k = min(middle.top_k, M)
+    kt = middle.keys.float().transpose(-1, -2)
+    step = max(1, _SCORES_PER_PASS // max(1, B * H * M))
+    top_scores, top_values = [], []
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        scores = (qg[:, :, s:e].reshape(B, Hkv, rep * (e - s), -1).float() @ kt).view(B, H, e - s, M) * scaling
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        if bias is not None:
+            scores = scores + bias
+        allowed = middle_rule(q_idx[:, s:e, None], middle.idx[:, None, :], n_global, n_local)
+        best, where = scores.masked_fill(~allowed[:, None], float("-inf")).topk(k, dim=-1)
+        # Values of the chosen columns, gathered per kv head: (B, Hkv, rep * n * k) column indices.
+        cols = where.reshape(B, Hkv, rep * (e - s) * k, 1).expand(-1, -1, -1, dv)
+        chosen = torch.gather(middle.values, 2, cols).view(B, H, e - s, k, dv)
+        top_scores.append(best)
+        top_values.append(chosen)
+    return torch.cat(top_scores, 2), torch.cat(top_values, 2)
