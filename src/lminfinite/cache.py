@@ -222,8 +222,8 @@ class LambdaCache(Cache):
         positive value is refused).
 
         Possible while nothing has been dropped yet (the stream still fits `n_global + n_local`, or the
-        cache keeps the middle): afterwards the keys a rollback would need are gone, and this raises. (generate()'s assisted
-        decoding still refuses this cache: it is not croppable in general.)"""
+        cache keeps the middle): afterwards the keys a rollback would need are gone, and this raises.
+        (generate()'s assisted decoding still refuses this cache: it is not croppable in general.)"""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove (transformers 5 semantics)")
         keep = self._columns + tokens_to_remove
