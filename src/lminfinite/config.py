@@ -72,7 +72,6 @@ class LambdaConfig:
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
-
     def uses_top_k(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` attends top-k middle keys."""
         return self.top_k > 0 and layer_idx >= self.top_k_from_layer
