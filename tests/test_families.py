@@ -14,7 +14,7 @@ without RoPE (SmolLM3). Invariants, per family:
 (d) a cached stream (token by token through the LambdaCache, past its re-basing) and greedy
     `generate()` equal recomputation on the full history with the naive kernel.
 
-Families LM-Infinite cannot be applied to are refused with the reason.
+Families LM-Infinite cannot be applied to are refused with the reason. ALiBi models: test_alibi.py.
 """
 
 from __future__ import annotations
@@ -335,21 +335,6 @@ def _refused(config, match):
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match=match):
         lminfinite.enable(model, n_local=16)
-
-
-@pytest.mark.parametrize(
-    "config",
-    [
-        transformers.MptConfig(vocab_size=V, d_model=32, n_heads=2, n_layers=1, max_seq_len=32),
-        transformers.BloomConfig(vocab_size=V, hidden_size=32, n_head=2, n_layer=1),
-        transformers.FalconConfig(
-            vocab_size=V, hidden_size=32, num_attention_heads=2, num_hidden_layers=1, alibi=True, bos_token_id=1
-        ),
-    ],
-    ids=["mpt", "bloom", "falcon-alibi"],
-)
-def test_alibi_models_refused(config):
-    _refused(config, "ALiBi models are not supported yet")
 
 
 @pytest.mark.parametrize(

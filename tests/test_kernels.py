@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from lminfinite.context import candidate_columns
-from lminfinite.kernels import get_kernel, torch_chunked
+from lminfinite.kernels import get_kernel, topk, torch_chunked
+from lminfinite.kernels.topk import Middle
+from lminfinite.positions import Alibi
 
 # "torch" takes its fused band path where it can; "torch-masked" forces its masked path.
 BACKENDS = ["torch", "torch-masked", "flex"]
@@ -113,3 +115,60 @@ def test_bf16_logits_are_not_rounded_before_softmax(kernel, backend):
     out = kernel(backend)(*args, **kw).float()
     rounding = (ref.to(torch.bfloat16).float() - ref).abs().mean()
     assert (out - ref).abs().mean() < 2 * rounding
+
+
+# ------------------------------------------------------------------------------ ALiBi and top-k middle keys
+
+
+def _alibi(H, D):
+    return Alibi(2.0 ** -torch.arange(1, H + 1, dtype=torch.float32), D)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Tq,pads", [(60, [0, 0]), (60, [0, 7]), (1, [0, 9]), (9, [3, 0])])
+def test_alibi_matches_naive(kernel, backend, Tq, pads):
+    args = _inputs(2, 4, 2, Tq, 60, 8, pads=pads, G=3)
+    kw = dict(n_global=3, n_local=12, scaling=0.3, block_size=7)
+    ref = get_kernel("naive")(*args, **kw, alibi=_alibi(4, 12))
+    torch.testing.assert_close(kernel(backend)(*args, **kw, alibi=_alibi(4, 12)), ref, atol=1e-5, rtol=1e-5)
+    assert (get_kernel("naive")(*args, **kw) - ref).abs().max() > 1e-2  # the biases change the result
+    assert (get_kernel("naive")(*args, **kw, alibi=_alibi(4, 5)) - ref).abs().max() > 1e-3  # and so does D
+
+
+def _with_middle(B, H, Hkv, Tq, Tk, d, pads, G, top_k, seed=0):
+    """Kernel inputs plus a Middle over every key column (keys 'at position 0' drawn at random)."""
+    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx = _inputs(B, H, Hkv, Tq, Tk, d, pads=pads, G=G, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    qg = torch.randn(B, H, Tq, d, generator=g)
+    return (q, k, v, q_idx, k_idx, qg, kg, vg, g_idx), Middle(torch.randn(B, Hkv, Tk, d, generator=g), v, k_idx, top_k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k", [1, 4, 500])
+@pytest.mark.parametrize("G,Tq,pads", [(3, 70, [0, 0]), (0, 70, [0, 0]), (3, 1, [0, 6]), (2, 11, [5, 0])])
+def test_top_k_matches_naive(kernel, backend, top_k, G, Tq, pads):
+    args, middle = _with_middle(2, 4, 2, Tq, 70, 8, pads, G, top_k)
+    kw = dict(n_global=G, n_local=10, scaling=0.4, block_size=6)
+    ref = get_kernel("naive")(*args, **kw, middle=middle)
+    torch.testing.assert_close(kernel(backend)(*args, **kw, middle=middle), ref, atol=1e-5, rtol=1e-5)
+    assert (get_kernel("naive")(*args, **kw) - ref).abs().max() > 1e-2  # the middle keys change the result
+    if top_k < 500:  # fewer middle keys than all of them
+        everything = Middle(middle.keys, middle.values, middle.idx, 500)
+        assert (get_kernel("naive")(*args, **kw, middle=everything) - ref).abs().max() > 1e-3
+
+
+def test_top_k_with_alibi_and_softcap(kernel):
+    args, middle = _with_middle(1, 4, 4, 40, 40, 8, [0], 2, 3)
+    kw = dict(n_global=2, n_local=8, scaling=0.5, block_size=6, softcap=3.0, alibi=_alibi(4, 8), middle=middle)
+    ref = get_kernel("naive")(*args, **kw)
+    for backend in BACKENDS:
+        torch.testing.assert_close(kernel(backend)(*args, **kw), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_selection_is_bounded_in_memory(monkeypatch):
+    """Many middle keys: the scores are taken a few queries at a time; same result."""
+    args, middle = _with_middle(1, 4, 2, 50, 50, 8, [0], 2, 3)
+    kw = dict(n_global=2, n_local=8, scaling=0.5, middle=middle)
+    ref = get_kernel("torch")(*args, **kw)
+    monkeypatch.setattr(topk, "_SCORES_PER_PASS", 4 * 50 * 3)  # three queries per pass
+    torch.testing.assert_close(get_kernel("torch")(*args, **kw), ref, atol=1e-6, rtol=0)

@@ -2,7 +2,9 @@
 
 This reference starts from unrotated q/k and applies RoPE itself: local keys at the true distance,
 starting keys with the query at position D and the key at position 0. It checks the whole path:
-rule, re-rotation, merge in one softmax, GQA.
+rule, re-rotation, merge in one softmax, GQA. The same loops with ALiBi biases (-slope * distance,
+distance D for starting keys) and with the top-k extension (a query's k best middle keys, scored
+and seen like starting keys).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lminfinite.attention import lambda_attention_forward
 from lminfinite.config import LambdaConfig
-from lminfinite.context import ForwardContext, LambdaState, candidate_columns
-from lminfinite.positions import Rope
+from lminfinite.context import ForwardContext, LambdaState, candidate_columns, middle_columns
+from lminfinite.positions import Alibi, Rope
 
 
 class _Rotary(torch.nn.Module):
@@ -36,50 +38,84 @@ def _rot(x, rotary, pos):
     return out
 
 
-def spec_attention(q_raw, k_raw, v, G, L, D, rotary):
-    """Loops over queries and keys; q_raw/k_raw unrotated (1, H, T, d)."""
+def spec_attention(q_raw, k_raw, v, G, L, D, rotary=None, slopes=None, top_k=0):
+    """Loops over queries and keys; q_raw/k_raw unrotated (1, H, T, d). RoPE when `rotary` is given,
+    ALiBi when `slopes` are."""
     H, T, d = q_raw.shape[1], q_raw.shape[2], q_raw.shape[3]
     rep = H // k_raw.shape[1]
     out = torch.zeros(1, H, T, v.shape[-1])
+
+    def logit(h, i, j, qpos, kpos):
+        qi, kj = q_raw[:, h : h + 1, i : i + 1], k_raw[:, h // rep : h // rep + 1, j : j + 1]
+        if rotary is not None:
+            qi, kj = _rot(qi, rotary, torch.tensor([qpos])), _rot(kj, rotary, torch.tensor([kpos]))
+        bias = 0.0 if slopes is None else -float(slopes[h]) * (qpos - kpos)
+        return float((qi * kj).sum()) / math.sqrt(d) + bias
+
     for h in range(H):
-        kh = h // rep
         for i in range(T):
-            logits, vals = [], []
+            logits, vals, middle = [], [], []
             for j in range(i + 1):
                 if i - j < L:
-                    qi = _rot(q_raw[:, h : h + 1, i : i + 1], rotary, torch.tensor([i]))
-                    kj = _rot(k_raw[:, kh : kh + 1, j : j + 1], rotary, torch.tensor([j]))
+                    logits.append(logit(h, i, j, i, j))
                 elif j < G:
-                    qi = _rot(q_raw[:, h : h + 1, i : i + 1], rotary, torch.tensor([D]))
-                    kj = _rot(k_raw[:, kh : kh + 1, j : j + 1], rotary, torch.tensor([0]))
+                    logits.append(logit(h, i, j, D, 0))
                 else:
+                    middle.append((logit(h, i, j, D, 0), j))  # a middle key, scored at distance D
                     continue
-                logits.append(float((qi * kj).sum()) / math.sqrt(d))
-                vals.append(v[0, kh, j])
+                vals.append(v[0, h // rep, j])
+            for score, j in sorted(middle, reverse=True)[:top_k]:
+                logits.append(score)
+                vals.append(v[0, h // rep, j])
             p = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0).float()
             out[0, h, i] = (p[:, None] * torch.stack(vals)).sum(0)
     return out
 
 
-@pytest.mark.parametrize("backend", ["naive", "torch"])
-@pytest.mark.parametrize("G,L,D", [(3, 8, 8), (0, 5, 5), (2, 6, 4), (4, 7, 7)])
-def test_attention_function_matches_the_written_method(backend, G, L, D):
-    torch.manual_seed(0)
-    H, Hkv, T, d = 4, 2, 29, 16
-    q_raw, k_raw, v = torch.randn(1, H, T, d), torch.randn(1, Hkv, T, d), torch.randn(1, Hkv, T, d)
-    rotary = _Rotary(d)
-    pos = torch.arange(T)
-    q, k = _rot(q_raw, rotary, pos), _rot(k_raw, rotary, pos)
-
-    cfg = LambdaConfig(n_global=G, n_local=L, limit_distance=D, backend=backend, block_size=5)
-    rope = Rope(rotary)
-    state = LambdaState(config=cfg, num_layers=1, previous_attn="sdpa", layer_ropes={0: rope})
-    idx = pos[None]
-    state.ctx = ForwardContext(q_idx=idx, q_pos=idx, k_idx=idx, n_candidates=candidate_columns(idx, G))
+def _call(q, k, v, cfg, rope=None, alibi=None):
+    """lambda_attention_forward on one unpadded sequence, as a model's layer 0 would call it."""
+    state = LambdaState(config=cfg, num_layers=1, previous_attn="sdpa", layer_ropes={0: rope}, alibi=alibi)
+    idx = torch.arange(q.shape[2])[None]
+    n_mid = middle_columns(idx, idx, cfg.n_global, cfg.n_local) if cfg.top_k else 0
+    state.ctx = ForwardContext(
+        q_idx=idx, q_pos=idx, k_idx=idx, n_candidates=candidate_columns(idx, cfg.n_global), n_middle=n_mid
+    )
     module = torch.nn.Module()
     module.layer_idx = 0
     module._lminfinite = state
-    out, _ = lambda_attention_forward(module, q, k, v, None, scaling=d**-0.5)
+    out, _ = lambda_attention_forward(module, q, k, v, None, scaling=q.shape[-1] ** -0.5)
+    return out
 
-    expected = spec_attention(q_raw, k_raw, v, G, L, D, rotary).transpose(1, 2)
+
+def _qkv(H=4, Hkv=2, T=29, d=16):
+    torch.manual_seed(0)
+    return torch.randn(1, H, T, d), torch.randn(1, Hkv, T, d), torch.randn(1, Hkv, T, d)
+
+
+BACKENDS = ["naive", "torch", "flex"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "G,L,D,top_k", [(3, 8, 8, 0), (0, 5, 5, 0), (2, 6, 4, 0), (4, 7, 7, 0), (2, 6, 6, 3), (0, 5, 4, 1)]
+)
+def test_attention_function_matches_the_written_method(backend, G, L, D, top_k):
+    q_raw, k_raw, v = _qkv()
+    rotary = _Rotary(q_raw.shape[-1])
+    pos = torch.arange(q_raw.shape[2])
+    q, k = _rot(q_raw, rotary, pos), _rot(k_raw, rotary, pos)
+    cfg = LambdaConfig(n_global=G, n_local=L, limit_distance=D, backend=backend, block_size=5, top_k=top_k)
+    out = _call(q, k, v, cfg, rope=Rope(rotary))
+    expected = spec_attention(q_raw, k_raw, v, G, L, D, rotary=rotary, top_k=top_k).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("G,L,D,top_k", [(3, 8, 8, 0), (2, 6, 4, 0), (2, 6, 6, 2)])
+def test_alibi_attention_matches_the_written_method(backend, G, L, D, top_k):
+    q, k, v = _qkv(H=4, Hkv=4)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    cfg = LambdaConfig(n_global=G, n_local=L, limit_distance=D, backend=backend, block_size=5, top_k=top_k)
+    out = _call(q, k, v, cfg, alibi=Alibi(slopes, D))
+    expected = spec_attention(q, k, v, G, L, D, slopes=slopes, top_k=top_k).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -12,10 +12,11 @@ import warnings
 
 from torch import nn
 
-from .attention import NAME, register
+from . import alibi
+from .attention import ALIBI_NAME, NAME, register
 from .config import LambdaConfig, pretraining_length
 from .context import LambdaState, make_pre_hook, post_hook
-from .positions import find_rope, install_rope_hooks, layer_rope
+from .positions import Alibi, find_rope, install_rope_hooks, layer_rope
 
 # Architectures whose positions are absolute: LM-Infinite does not apply to them.
 ABSOLUTE_POSITION_TYPES = {
@@ -46,7 +47,8 @@ UNSUPPORTED_TYPES = {
     "cohere2": "its full-attention layers have no RoPE while sharing the rotary module (not yet told apart)",
 }
 
-# Architectures with ALiBi biases, which they compute themselves outside transformers' AttentionInterface.
+# Architectures with ALiBi biases, which they compute themselves outside transformers' AttentionInterface;
+# those in `alibi.FAMILIES` (MPT, Bloom) are routed to the Λ kernels by a narrow hook.
 ALIBI_TYPES = {"bloom", "mpt"}
 
 
@@ -91,9 +93,12 @@ def _check_architecture(model: nn.Module, rope) -> None:
             "with relative positions (RoPE or ALiBi): its distance cap has no meaning for absolute positions"
         )
     if _uses_alibi(model.config):
+        if model_type in alibi.FAMILIES:
+            alibi.check(model)
+            return
         raise ValueError(
-            f"{name}: ALiBi models are not supported yet: they add their ALiBi biases themselves, outside "
-            "transformers' AttentionInterface, so lminfinite cannot cap their distances"
+            f"{name}: ALiBi is supported for MPT and Bloom only: this model adds its ALiBi biases inside its "
+            "own attention code, which lminfinite does not adapt"
         )
     if model_type in UNSUPPORTED_TYPES:
         raise ValueError(f"{name} is not supported yet: {UNSUPPORTED_TYPES[model_type]}")
@@ -131,6 +136,8 @@ def enable(
     backend: str = "auto",
     block_size: int | None = None,
     sink_positions: str = "zero",
+    top_k: int = 0,
+    top_k_from_layer: int = 0,
 ) -> nn.Module:
     """Switch `model` to LM-Infinite's Λ-attention in place and return it.
 
@@ -139,6 +146,9 @@ def enable(
     limit_distance: distance at which the starting tokens are seen (default `n_local`).
     backend: "auto", "torch" (chunked), "naive" (O(n^2) reference) or "flex".
     sink_positions: "zero" (LM-Infinite) or "own" (StreamingLLM-style sinks, a baseline).
+    top_k: optional top-k extension (default 0, off): in layers >= `top_k_from_layer` each query also
+        attends its `top_k` best-scoring middle tokens, seen at distance D. The cache then keeps every
+        token (memory grows with the input) and each query scores every middle token.
     Calling it again reconfigures; training mode is allowed (the kernels are differentiable).
     """
     decoder = _decoder(model)
@@ -155,6 +165,8 @@ def enable(
         backend=backend,
         block_size=block_size,
         sink_positions=sink_positions,
+        top_k=top_k,
+        top_k_from_layer=top_k_from_layer,
     )
     if getattr(model, "_lminfinite", None) is not None:
         disable(model)
@@ -173,10 +185,16 @@ def enable(
         module._lminfinite = state
     state.handles.append(decoder.register_forward_pre_hook(make_pre_hook(state, decoder), with_kwargs=True))
     state.handles.append(decoder.register_forward_hook(post_hook, with_kwargs=True))
-    state.handles.extend(install_rope_hooks(rope))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.set_attn_implementation(NAME)
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in alibi.FAMILIES:
+        state.alibi = Alibi(alibi.slopes(decoder, model_type), config.limit_distance)
+        state.handles.extend(alibi.install(state.modules, model_type))
+        model.config._attn_implementation = ALIBI_NAME  # they refuse set_attn_implementation; only masks read it
+    else:
+        state.handles.extend(install_rope_hooks(rope))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.set_attn_implementation(NAME)
     model._lminfinite = state
     return model
 
@@ -191,7 +209,10 @@ def disable(model: nn.Module) -> nn.Module:
     for module in state.modules:
         if hasattr(module, "_lminfinite"):
             del module._lminfinite
-    model.set_attn_implementation(state.previous_attn)
+    if state.alibi is not None:
+        model.config._attn_implementation = state.previous_attn
+    else:
+        model.set_attn_implementation(state.previous_attn)
     del model._lminfinite
     return model
 

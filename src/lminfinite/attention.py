@@ -22,6 +22,9 @@ from .kernels.topk import Middle
 from .positions import layer_window
 
 NAME = "lm_infinite"
+# ALiBi models (MPT, Bloom) compute attention themselves (see alibi.py) but still build a mask: under this
+# name they get an O(1) placeholder (MPT calls `.to(torch.bool)` on it) instead of a (q_len, k_len) mask.
+ALIBI_NAME = "lm_infinite_alibi"
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -100,10 +103,18 @@ def lambda_mask(*args, **kwargs) -> None:
     return None
 
 
+def alibi_mask(*args, **kwargs) -> torch.Tensor:
+    """Mask function for ALiBi models: an O(1) placeholder their (replaced) attention never reads."""
+    return torch.zeros((), dtype=torch.bool)
+
+
 def register() -> None:
-    """Register "lm_infinite" with transformers' attention and mask interfaces (idempotent)."""
+    """Register "lm_infinite" (and "lm_infinite_alibi") with transformers' attention and mask
+    interfaces (idempotent)."""
     AttentionInterface.register(NAME, lambda_attention_forward)
     AttentionMaskInterface.register(NAME, lambda_mask)
+    AttentionInterface.register(ALIBI_NAME, lambda_attention_forward)
+    AttentionMaskInterface.register(ALIBI_NAME, alibi_mask)
 
 
 register()
