@@ -172,3 +172,16 @@ def test_top_k_selection_is_bounded_in_memory(monkeypatch):
     ref = get_kernel("torch")(*args, **kw)
     monkeypatch.setattr(topk, "_SCORES_PER_PASS", 4 * 50 * 3)  # three queries per pass
     torch.testing.assert_close(get_kernel("torch")(*args, **kw), ref, atol=1e-6, rtol=0)
+
+
+def test_top_k_ties_go_to_the_earlier_key(kernel):
+    """Equal middle keys (a repeated token in the first layer): exactly k are attended, the earliest."""
+    args, middle = _with_middle(1, 2, 1, 30, 30, 8, [0], 0, 2)
+    keys = middle.keys[:, :, :1].expand_as(middle.keys).contiguous()  # every key equal, values differ
+    kw = dict(n_global=0, n_local=6, scaling=0.5, block_size=4)
+    ref = get_kernel("naive")(*args, **kw, middle=Middle(keys, middle.values, middle.idx, 2))
+    earliest = Middle(keys[:, :, :2], middle.values[:, :, :2], middle.idx[:, :2], 2)
+    torch.testing.assert_close(get_kernel("naive")(*args, **kw, middle=earliest), ref, atol=1e-6, rtol=0)
+    for backend in BACKENDS:
+        out = kernel(backend)(*args, **kw, middle=Middle(keys, middle.values, middle.idx, 2))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -64,7 +64,7 @@ def spec_attention(q_raw, k_raw, v, G, L, D, rotary=None, slopes=None, top_k=0):
                     middle.append((logit(h, i, j, D, 0), j))  # a middle key, scored at distance D
                     continue
                 vals.append(v[0, h // rep, j])
-            for score, j in sorted(middle, reverse=True)[:top_k]:
+            for score, j in sorted(middle, key=lambda m: (-m[0], m[1]))[:top_k]:  # ties: earlier key
                 logits.append(score)
                 vals.append(v[0, h // rep, j])
             p = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0).float()

@@ -51,8 +51,10 @@ def attention(
         km = middle.keys.repeat_interleave(rep, 1).float()
         mscores = _capped((qg.float() @ km.transpose(-1, -2)) * scaling, softcap) + far_bias
         mscores = mscores.masked_fill(~middle_rule(qi, middle.idx[:, None, None, :], n_global, n_local), float("-inf"))
-        kth = mscores.topk(min(middle.top_k, mscores.shape[-1]), dim=-1).values[..., -1:]
-        all_scores.append(mscores.masked_fill(mscores < kth, float("-inf")))
+        # The k best middle keys of each query and head; among equal scores the earlier key wins.
+        order = mscores.sort(dim=-1, descending=True, stable=True).indices[..., : middle.top_k]
+        best = torch.zeros_like(mscores, dtype=torch.bool).scatter_(-1, order, True)
+        all_scores.append(mscores.masked_fill(~best, float("-inf")))
         values.append(middle.values.repeat_interleave(rep, 1).float())
     probs = torch.softmax(torch.cat(all_scores, dim=-1), dim=-1).nan_to_num(0.0)
     out = probs @ torch.cat(values, dim=-2)

@@ -3,7 +3,8 @@
 As in the official code's top-k attention, a middle key (neither a starting token nor in the
 query's window) is scored like a starting token, at distance `D`: the query re-rotated to `D`
 against the key at position 0 (RoPE), or with the bias of distance `D` (ALiBi). Per query and
-head, the `k` highest of these logits join the softmax at those values.
+head, the `k` highest of these logits join the softmax at those values. Ties go to the earlier
+key (they are common: in the first layer, a repeated token has the same key at position 0).
 
 Scoring every middle key is O(n) per query, and the middle must be kept in the cache, so memory
 grows with the stream: that is the price of the extension, which is off unless asked for.
@@ -53,10 +54,24 @@ def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=N
         if bias is not None:
             scores = scores + bias
         allowed = middle_rule(q_idx[:, s:e, None], middle.idx[:, None, :], n_global, n_local)
-        best, where = scores.masked_fill(~allowed[:, None], float("-inf")).topk(k, dim=-1)
+        best, where = _top_k(scores.masked_fill(~allowed[:, None], float("-inf")), k)
         # Values of the chosen columns, gathered per kv head: (B, Hkv, rep * n * k) column indices.
         cols = where.reshape(B, Hkv, rep * (e - s) * k, 1).expand(-1, -1, -1, dv)
         chosen = torch.gather(middle.values, 2, cols).view(B, H, e - s, k, dv)
         top_scores.append(best)
         top_values.append(chosen)
     return torch.cat(top_scores, 2), torch.cat(top_values, 2)
+
+
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k highest scores along the last dimension and their indices, ties to the earlier index.
+
+    `torch.topk` leaves ties unspecified; here the k-th value is found, every higher score is taken,
+    and the earliest scores equal to it fill the rest, so exactly k are chosen, in index order."""
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    above = scores > kth
+    tied = scores == kth
+    fill = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(-1) <= fill))
+    where = chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
+    return scores.gather(-1, where), where

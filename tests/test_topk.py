@@ -1,0 +1,107 @@
+"""The optional top-k extension at model level: `enable(..., top_k, top_k_from_layer)`.
+
+Each query of the chosen layers also attends its k best middle tokens (scored at distance D). The
+kernels are checked against the naive reference and the written method in test_kernels.py and
+test_spec.py; here: the cache keeps the middle and its positions stay bounded, chunked and cached
+feeding equal one forward, greedy generation equals recomputation, and the layer setting is obeyed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_model
+
+import lminfinite
+from lminfinite import LambdaCache
+
+G, L, K = 2, 8, 3
+
+
+def _ids(n, seed=0, rows=1):
+    return torch.randint(3, 101, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False, **kwargs).logits
+
+
+def _mpt():
+    torch.manual_seed(0)
+    config = transformers.MptConfig(vocab_size=101, d_model=64, n_heads=4, n_layers=2, max_seq_len=32)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+MODELS = {"llama": lambda: tiny_model("llama"), "mpt": _mpt}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("chunk", [1, 7, 3 * L])
+def test_cached_feeding_equals_naive_one_forward(name, chunk):
+    model = MODELS[name]()
+    ids = _ids(12 * L)
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, top_k_from_layer=1, backend="naive")
+    ref = _logits(model, ids)
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, top_k_from_layer=1)
+    cache = LambdaCache.for_model(model)
+    assert cache.keep_middle
+    with torch.no_grad():
+        out = torch.cat(
+            [model(input_ids=ids[:, s : s + chunk], cache=cache).logits for s in range(0, ids.shape[1], chunk)], 1
+        )
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert cache.layers[0].keys.shape[-2] == ids.shape[1]  # the middle is kept: memory grows with n
+    if name == "llama":
+        assert cache.base > 0  # re-based, and the middle keys kept their own positions
+        assert int(cache.pos.max()) <= 2 * L + chunk
+
+
+def test_left_padded_batch_equals_naive():
+    model = tiny_model("llama")
+    ids = _ids(10 * L, rows=2)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, backend="naive")
+    ref = _logits(model, ids, attention_mask=mask)
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K)
+    out = _logits(model, ids, attention_mask=mask)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_equals_recomputation():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, top_k=K)
+    prompt = _ids(L + 5, seed=3)
+    gen = model.generate(prompt, max_new_tokens=5 * L, do_sample=False, pad_token_id=0)
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, backend="naive")
+    recomputed = _logits(model, gen[:, :-1])[:, prompt.shape[1] - 1 :].argmax(-1)
+    assert torch.equal(recomputed, gen[:, prompt.shape[1] :])
+
+
+def test_layers_before_top_k_from_layer_are_plain_lambda():
+    model = tiny_model("llama")
+    ids = _ids(8 * L, seed=4)
+    lminfinite.enable(model, n_global=G, n_local=L)
+    plain = _logits(model, ids)
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, top_k_from_layer=2)  # the model has 2 layers
+    torch.testing.assert_close(_logits(model, ids), plain, atol=0, rtol=0)
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, top_k_from_layer=1)
+    with_top_k = _logits(model, ids)
+    assert (with_top_k - plain).abs().max() > 1e-3
+    torch.testing.assert_close(with_top_k[:, : L + G], plain[:, : L + G], atol=1e-5, rtol=0)  # no middle yet
+
+
+def test_cache_must_match_the_top_k_setting():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, top_k=K)
+    with pytest.raises(ValueError, match="keeps the middle"):
+        model(input_ids=_ids(4), cache=LambdaCache(G, L, 2))
+    lminfinite.enable(model, n_global=G, n_local=L)
+    with pytest.raises(ValueError, match="enabled without top_k"):
+        model(input_ids=_ids(4), cache=LambdaCache(G, L, 2, keep_middle=True))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"top_k": -1}, ">= 0"), ({"top_k": 2, "sink_positions": "own"}, "zero")])
+def test_bad_top_k_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, **kwargs)
