@@ -162,6 +162,8 @@ BAD = {
     "binary file": (["ppl", "--data", "{d}/binary.txt"], "binary"),
     "unknown model": (["ppl", "--model", "{d}/no-such-model", "--data", TINY], "unknown model"),
     "bad method": (["ppl", "--data", TINY, "--methods", "vanilla,magic"], "invalid method(s) magic"),
+    "bad topk": (["ppl", "--data", TINY, "--methods", "topk:0"], "topk:K or topk:K:FROM_LAYER"),
+    "two methods to generate": (["generate", "--prompt", "x", "--method", "vanilla,topk"], "one method"),
     "max-length below n_local": (["ppl", "--data", TINY, "--max-length", "300"], "below n_local 512"),
     "passkey length below n_local": (["passkey", "--lengths", "256,1024"], "below n_local 512"),
     "negative number": (["ppl", "--data", TINY, "--windows", "-2"], "not a positive integer"),

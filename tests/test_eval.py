@@ -12,7 +12,7 @@ import torch
 import lminfinite
 from lminfinite.assets import asset
 from lminfinite.eval import generation, passkey, perplexity, plots, report, texts
-from lminfinite.eval.methods import applied, greedy, parse_methods
+from lminfinite.eval.methods import applied, greedy, parse_methods, top_k_setting
 from lminfinite.models import load_model
 
 
@@ -133,9 +133,26 @@ def test_windows_and_prefix_encoding(stories, tinystories):
 
 def test_parse_methods():
     assert parse_methods("vanilla, sinks") == ["vanilla", "sinks"]
-    for bad in ("", "vanilla,foo", "vanilla,vanilla"):
+    assert parse_methods("topk,topk:8,topk:8:2") == ["topk", "topk:8", "topk:8:2"]
+    assert [top_k_setting(m) for m in ("topk", "topk:8", "topk:8:2")] == [(5, 0), (8, 0), (8, 2)]
+    for bad in ("", "vanilla,foo", "vanilla,vanilla", "topk:0", "topk:x", "topk:1:2:3", "lminfinite:3"):
         with pytest.raises(ValueError):
             parse_methods(bad)
+
+
+def test_topk_method_enables_top_k_and_equals_vanilla_inside_the_window(stories, window):
+    model = stories[0]
+    ids = window[0, :300]
+    ref = perplexity.position_nll(model, ids, "vanilla", 10, 512)
+    torch.testing.assert_close(perplexity.position_nll(model, ids, "topk:3:2", 10, 512), ref, atol=1e-4, rtol=0)
+    with applied(model, "topk:3:2", 10, 512):
+        cfg = model._lminfinite.config
+        assert (cfg.top_k, cfg.top_k_from_layer) == (3, 2)
+    long = window[0, :1100]
+    plain = perplexity.position_nll(model, long, "lminfinite", 10, 512)
+    top = perplexity.position_nll(model, long, "topk", 10, 512)
+    assert (top[:522] - plain[:522]).abs().max() < 1e-4  # no middle token before position G + L
+    assert (top[600:] - plain[600:]).abs().max() > 1e-3
 
 
 def test_applied_always_restores_the_model(stories):

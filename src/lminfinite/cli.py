@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 PROG = "lminfinite"
-ALL_METHODS = "vanilla,lminfinite,truncate,sinks"
+ALL_METHODS = "vanilla,lminfinite,truncate,sinks"  # the default comparison; topk[:K[:FROM]] on request
 DEMO_TEXT = ("corpora", "tinystories_train_head.txt")
 
 
@@ -69,6 +69,13 @@ def methods_arg(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def method_arg(text: str) -> str:
+    methods = methods_arg(text)
+    if len(methods) != 1:
+        raise argparse.ArgumentTypeError(f"one method, got {text!r}")
+    return methods[0]
+
+
 def buckets_arg(text: str):
     """Parse --buckets: "pow2", a bucket width ("512") or explicit edges ("0,512,1024,4096")."""
     if text == "pow2":
@@ -104,7 +111,12 @@ def _output_options(
 ) -> argparse.ArgumentParser:
     p = Parser(add_help=False)
     g = p.add_argument_group("output")
-    g.add_argument("--methods", type=methods_arg, default=methods, help=f"comma-separated, from {ALL_METHODS}")
+    g.add_argument(
+        "--methods",
+        type=methods_arg,
+        default=methods,
+        help=f"comma-separated, from {ALL_METHODS},topk[:K[:FROM_LAYER]] (default {methods})",
+    )
     g.add_argument("--out", default=out, help=f"write the results as JSON here{f' (default {out})' if out else ''}")
     g.add_argument("--plot", default=plot, help=f"save a PNG plot here{f' (default {plot})' if plot else ''}")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -203,7 +215,12 @@ def build_parser() -> Parser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
-    p.add_argument("--method", choices=ALL_METHODS.split(","), default="lminfinite", help="default lminfinite")
+    p.add_argument(
+        "--method",
+        type=method_arg,
+        default="lminfinite",
+        help=f"one of {ALL_METHODS},topk[:K[:FROM]] (default lminfinite)",
+    )
     p.add_argument("--max-new-tokens", type=nonneg_int, default=256)
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy (lminfinite, sinks)")
@@ -395,17 +412,17 @@ def run_gen_eval(args) -> int:
 
 
 def run_generate(args) -> int:
-    from .eval.methods import applied, check_window, greedy
+    from .eval.methods import CACHED, applied, base, check_window, greedy
     from .eval.texts import read_text_file
     from .streaming import stream
 
     prompt = read_text_file(args.prompt_file) if args.prompt_file else args.prompt
     method = args.method
-    if args.do_sample and method not in ("lminfinite", "sinks"):
-        raise CliError("--do-sample works with --method lminfinite or sinks")
+    if args.do_sample and base(method) not in CACHED:
+        raise CliError("--do-sample works with --method lminfinite, sinks or topk")
     model, tokenizer, _ = _setup(args)
     check_window(method, args.n_global, args.n_local)
-    if method in ("lminfinite", "sinks"):
+    if base(method) in CACHED:
         with applied(model, method, args.n_global, args.n_local):
             pieces = stream(
                 model,

@@ -11,6 +11,8 @@
   the (fewer than G) tokens between the sinks and the window, which this leaves out.
 - `truncate`: each token sees only the latest L tokens, at fresh positions 0..L-1 (no cache:
   the window is recomputed; see `perplexity.truncate_nll` for scoring).
+- `topk[:K[:FROM]]`: `lminfinite` with the top-k extension: in layers >= FROM (default 0) each
+  query also attends its K (default 5) best middle tokens; the cache keeps every token.
 """
 
 from __future__ import annotations
@@ -25,15 +27,33 @@ from torch import nn
 from ..api import disable, enable
 from ..scoring import prefill
 
-METHODS = ("vanilla", "lminfinite", "truncate", "sinks")
+METHODS = ("vanilla", "lminfinite", "truncate", "sinks", "topk")
+CACHED = ("lminfinite", "sinks", "topk")  # the methods that run on a LambdaCache
+
+
+def base(method: str) -> str:
+    """The method's name without its parameters: "topk:8:2" -> "topk"."""
+    return method.split(":", 1)[0]
+
+
+def top_k_setting(method: str) -> tuple[int, int]:
+    """(k, first layer) of a `topk[:K[:FROM]]` method (defaults 5 and 0)."""
+    parts = method.split(":")[1:]
+    if base(method) != "topk" or len(parts) > 2 or not all(p.isdigit() for p in parts) or parts[:1] == ["0"]:
+        raise ValueError(f"invalid method {method!r}: write topk, topk:K or topk:K:FROM_LAYER with K >= 1")
+    k, first = ([int(p) for p in parts] + [5, 0][len(parts) :])[:2]
+    return k, first
 
 
 def parse_methods(spec: str) -> list[str]:
     """`"vanilla,lminfinite"` -> `["vanilla", "lminfinite"]`; unknown or repeated names are errors."""
     names = [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in names if m not in METHODS]
+    bad = [m for m in names if base(m) not in METHODS or (":" in m and base(m) != "topk")]
     if bad or not names:
         raise ValueError(f"invalid method(s) {', '.join(bad) or repr(spec)}; choose from {', '.join(METHODS)}")
+    for m in names:
+        if base(m) == "topk":
+            top_k_setting(m)
     if len(set(names)) != len(names):
         raise ValueError(f"method listed twice in {spec!r}")
     return names
@@ -56,6 +76,9 @@ def applied(model: nn.Module, method: str, n_global: int, n_local: int) -> Itera
     try:
         if method == "lminfinite":
             enable(model, n_global=n_global, n_local=n_local)
+        elif base(method) == "topk":
+            k, first = top_k_setting(method)
+            enable(model, n_global=n_global, n_local=n_local, top_k=k, top_k_from_layer=first)
         elif method == "sinks":
             with warnings.catch_warnings():  # limit_distance > n_local is the point here
                 warnings.simplefilter("ignore")
@@ -84,7 +107,7 @@ def greedy(
 ) -> list[int]:
     """Greedy continuation of `prompt` (ids, BOS included) by `method`: the new ids.
 
-    vanilla / lminfinite / sinks: the prompt minus its last token is prefilled in chunks into a
+    vanilla / lminfinite / sinks / topk: the prompt minus its last token is prefilled in chunks into a
     cache (a LambdaCache for the two Λ methods), then one token per forward. truncate: every step
     reruns the model on the latest `n_local` ids only.
     """
