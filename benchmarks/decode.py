@@ -1,11 +1,13 @@
-"""Decode: time per generated token vs context length (L to 64L), vanilla vs lminfinite.
+"""Decode: time per generated token vs context length (L to 64L), vanilla vs lminfinite (vs topk).
 
 lminfinite: the context goes through `lminfinite.prefill` (a LambdaCache), then tokens are decoded
-one by one. vanilla: a DynamicCache holding `context` keys/values per layer, filled with random
-values (decode time does not depend on them, and a vanilla prefill of 64L is O(n^2)), then the
-same decoding loop. Random-weight Llama of realistic width.
+one by one. topk: the same with the top-k extension (k=5 from layer 0), whose cache keeps every
+token (the price of the extension: memory and time grow with the context). vanilla: a
+DynamicCache holding `context` keys/values per layer, filled with random values (decode time does
+not depend on them, and a vanilla prefill of 64L is O(n^2)), then the same decoding loop.
+Random-weight Llama of realistic width.
 
-    python benchmarks/decode.py [--n-local 256] [--steps 32]
+    python benchmarks/decode.py [--n-local 256] [--steps 32] [--methods lminfinite,topk,vanilla]
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ def point(method: str, n_local: int, context: int, steps: int) -> dict:
     torch.set_grad_enabled(False)
     model = realistic_model(n_local)
     ids = torch.randint(0, model.config.vocab_size, (1, context))
-    if method == "lminfinite":
-        lminfinite.enable(model, n_global=10, n_local=n_local)
+    if method in ("lminfinite", "topk"):
+        lminfinite.enable(model, n_global=10, n_local=n_local, top_k=5 if method == "topk" else 0)
         cache = lminfinite.prefill(model, ids, chunk_size=n_local)
     else:
         cache = _vanilla_cache(model, context)
@@ -64,11 +66,12 @@ def main(argv=None) -> list[dict]:
         ("--n-local", {"type": int, "default": 256}),
         ("--steps", {"type": int, "default": 32}),
         ("--mults", {"default": "1,8,64"}),
+        ("--methods", {"default": "lminfinite,topk,vanilla"}),
     )
     if args is None:
         return []
     rows = []
-    for method in ("lminfinite", "vanilla"):
+    for method in args.methods.split(","):
         for m in (int(x) for x in args.mults.split(",")):
             row = run_point(__file__, method=method, n_local=args.n_local, context=m * args.n_local, steps=args.steps)
             print(f"decode {method:10s} {m:3d}L {row['ms_per_token']:7.2f} ms/token  cache {row['cache_mb']:7.1f} MB")

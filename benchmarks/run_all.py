@@ -54,7 +54,7 @@ def summary(pre, dec, sco) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "| decode | " + " | ".join(f"{r['mult']}L" for r in dec if r["method"] == "lminfinite") + " |"]
     lines += ["|---" * (1 + sum(r["method"] == "lminfinite" for r in dec)) + "|"]
-    for method in ("lminfinite", "vanilla"):
+    for method in dict.fromkeys(r["method"] for r in dec):
         cells = [f"{r['ms_per_token']:.1f} ms/tok, cache {r['cache_mb']:.1f} MB" for r in dec if r["method"] == method]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
@@ -76,6 +76,12 @@ def summary(pre, dec, sco) -> str:
         "decode time/token 64L/1L": _ratio(dec, "ms_per_token", 1, 64),
         "decode vanilla/lminfinite at 8L": _at(dec, "ms_per_token", 8, "vanilla") / _at(dec, "ms_per_token", 8),
     }
+    if any(r["method"] == "topk" for r in dec):
+        top = max(r["mult"] for r in dec if r["method"] == "topk")
+        ratios[f"decode topk/lminfinite at {top}L"] = _at(dec, "ms_per_token", top, "topk") / _at(
+            dec, "ms_per_token", top
+        )
+        ratios[f"topk cache {top}L/1L"] = _ratio(dec, "cache_mb", 1, top, "topk")
     lines += ["", "Ratios (lminfinite unless named): " + "; ".join(f"{k} = {v:.2f}" for k, v in ratios.items())]
     return "\n".join(lines) + "\n"
 

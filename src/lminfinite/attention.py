@@ -65,17 +65,17 @@ def lambda_attention_forward(
     S = ctx.n_candidates if has_global else 0
     M = ctx.n_middle if has_global and cfg.uses_top_k(module.layer_idx) else 0
     qg = kg = vg = g_idx = middle = None
-    if S > 0 or M > 0:
-        qg, kg, km = query, key[:, :, :S], key[:, :, :M]
+    far = max(S, M)  # leading key columns that may be seen at distance D: starting and middle tokens
+    if far > 0:
+        qg, kf = query, key[:, :, :far]
         if rope is not None:
             sinks = cfg.sink_positions == "own"
             qg = rope.rotate(query, *ctx.query_rotation(rope, cfg.limit_distance, device, sinks))
             if not sinks:  # far keys back to position 0
-                kg = rope.rotate(kg, *ctx.key_rotation(rope, S, device))
-                km = rope.rotate(km, *ctx.key_rotation(rope, M, device))
-        vg, g_idx = value[:, :, :S], k_idx[:, :S]
+                kf = rope.rotate(kf, *ctx.key_rotation(rope, far, device))
+        kg, vg, g_idx = kf[:, :, :S], value[:, :, :S], k_idx[:, :S]
         if M > 0:
-            middle = Middle(km, value[:, :, :M], k_idx[:, :M], cfg.top_k)
+            middle = Middle(kf[:, :, :M], value[:, :, :M], k_idx[:, :M], cfg.top_k)
     kernel = get_kernel(resolve_backend(cfg.backend, device))
     out = kernel(
         query,
