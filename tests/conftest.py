@@ -44,6 +44,18 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **over
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
 
+def assert_greedy_equals_naive_recomputation(model, prompt: torch.Tensor, max_new_tokens: int, **settings) -> None:
+    """Greedy `generate()` of the enabled model (its LambdaCache) picks, at every step, the token that
+    the naive kernel picks when it recomputes the whole history without a cache."""
+    import lminfinite
+
+    gen = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    lminfinite.enable(model, backend="naive", **settings)
+    with torch.no_grad():
+        logits = model(input_ids=gen[:, :-1], use_cache=False).logits
+    assert torch.equal(logits[:, prompt.shape[1] - 1 :].argmax(-1), gen[:, prompt.shape[1] :])
+
+
 @pytest.fixture(scope="session")
 def stories_path():
     path = asset("models", "stories260K", "stories260K.bin")

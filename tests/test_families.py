@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest import assert_greedy_equals_naive_recomputation
 
 import lminfinite
 from lminfinite import LambdaCache
@@ -300,11 +301,7 @@ def test_d_cached_stream_and_generation_equal_recomputation(family):
     assert cache.base > 0  # positions were re-based: keys rotated back in the cache
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
-    prompt = ids[:, : L + 3]
-    gen = model.generate(prompt, max_new_tokens=4 * L, do_sample=False, pad_token_id=0)
-    lminfinite.enable(model, n_global=G, n_local=L, backend="naive")
-    recomputed = _logits(model, gen[:, :-1])[:, prompt.shape[1] - 1 :].argmax(-1)
-    assert torch.equal(recomputed, gen[:, prompt.shape[1] :])
+    assert_greedy_equals_naive_recomputation(model, ids[:, : L + 3], 4 * L, n_global=G, n_local=L)
 
 
 def test_gptj_runs_far_beyond_its_sin_cos_table():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
+from conftest import assert_greedy_equals_naive_recomputation, tiny_model
 
 import lminfinite
 from lminfinite import LambdaCache
@@ -72,11 +72,7 @@ def test_left_padded_batch_equals_naive():
 
 def test_greedy_generation_equals_recomputation():
     model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, top_k=K)
-    prompt = _ids(L + 5, seed=3)
-    gen = model.generate(prompt, max_new_tokens=5 * L, do_sample=False, pad_token_id=0)
-    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, backend="naive")
-    recomputed = _logits(model, gen[:, :-1])[:, prompt.shape[1] - 1 :].argmax(-1)
-    assert torch.equal(recomputed, gen[:, prompt.shape[1] :])
+    assert_greedy_equals_naive_recomputation(model, _ids(L + 5, seed=3), 5 * L, n_global=G, n_local=L, top_k=K)
 
 
 def test_layers_before_top_k_from_layer_are_plain_lambda():
