@@ -148,3 +148,40 @@ def test_falcon_alibi_refused():
 def test_bloom_without_a_context_length_asks_for_n_local():
     with pytest.raises(ValueError, match="pass n_local"):
         lminfinite.enable(alibi_model("bloom"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant):
+    """Their blocks pass no per-forward argument: layers re-run in backward must still see their own
+    forward's context (carried by the mask placeholder), not the latest forward's."""
+    ids = _ids(40, 12, rows=2)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def grads(checkpointing):
+        model = alibi_model(family).train()
+        lminfinite.enable(model, n_global=2, n_local=8)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        model(input_ids=_ids(24, 13), use_cache=False)  # a later forward before backward
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    torch.testing.assert_close(grads(True), grads(False), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_own_sink_positions_change_alibi_distances(family):
+    """The `sinks` baseline sees starting token j at distance min(D, i) - j (test_spec.py checks the
+    values); here: it reaches ALiBi models, and stays the unmodified model inside the window."""
+    model = alibi_model(family, layers=1)
+    ids = _ids(60, 14)
+    lminfinite.enable(model, n_global=3, n_local=16, limit_distance=15)
+    zero = _logits(model, ids)
+    lminfinite.enable(model, n_global=3, n_local=16, limit_distance=15, sink_positions="own")
+    own = _logits(model, ids)
+    assert (own[0, 20:] - zero[0, 20:]).abs().max() > 1e-3
+    torch.testing.assert_close(own[0, :16], zero[0, :16], atol=1e-6, rtol=0)

@@ -163,6 +163,7 @@ BAD = {
     "unknown model": (["ppl", "--model", "{d}/no-such-model", "--data", TINY], "unknown model"),
     "bad method": (["ppl", "--data", TINY, "--methods", "vanilla,magic"], "invalid method(s) magic"),
     "bad topk": (["ppl", "--data", TINY, "--methods", "topk:0"], "topk:K or topk:K:FROM_LAYER"),
+    "topk past the last layer": (["generate", "--prompt", "x", "--method", "topk:3:9"], "no layer would use top-k"),
     "two methods to generate": (["generate", "--prompt", "x", "--method", "vanilla,topk"], "one method"),
     "max-length below n_local": (["ppl", "--data", TINY, "--max-length", "300"], "below n_local 512"),
     "passkey length below n_local": (["passkey", "--lengths", "256,1024"], "below n_local 512"),

@@ -135,7 +135,8 @@ def test_parse_methods():
     assert parse_methods("vanilla, sinks") == ["vanilla", "sinks"]
     assert parse_methods("topk,topk:8,topk:8:2") == ["topk", "topk:8", "topk:8:2"]
     assert [top_k_setting(m) for m in ("topk", "topk:8", "topk:8:2")] == [(5, 0), (8, 0), (8, 2)]
-    for bad in ("", "vanilla,foo", "vanilla,vanilla", "topk:0", "topk:x", "topk:1:2:3", "lminfinite:3"):
+    bad_specs = ("", "vanilla,foo", "vanilla,vanilla", "topk:0", "topk:00", "topk:x", "topk:1:2:3", "lminfinite:3")
+    for bad in bad_specs + ("topk,topk:5:0", "topk:5,topk:5:0"):
         with pytest.raises(ValueError):
             parse_methods(bad)
 

@@ -165,13 +165,26 @@ def test_top_k_with_alibi_and_softcap(kernel):
         torch.testing.assert_close(kernel(backend)(*args, **kw), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_top_k_selection_is_bounded_in_memory(monkeypatch):
-    """Many middle keys: the scores are taken a few queries at a time; same result."""
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_top_k_scores_are_taken_a_few_queries_at_a_time(monkeypatch, backend):
+    """Many middle keys: no more than `_SCORES_PER_PASS` scores exist at once, and the far-key piece
+    (whose top-k values are queries x k x head_dim) is built one block of queries at a time; same result."""
     args, middle = _with_middle(1, 4, 2, 50, 50, 8, [0], 2, 3)
-    kw = dict(n_global=2, n_local=8, scaling=0.5, middle=middle)
-    ref = get_kernel("torch")(*args, **kw)
+    kw = dict(n_global=2, n_local=8, scaling=0.5, middle=middle, block_size=8)
+    ref = get_kernel("naive")(*args, **kw)
+    seen, blocks = [], []
+    select, piece = topk._top_k, torch_chunked.global_piece
     monkeypatch.setattr(topk, "_SCORES_PER_PASS", 4 * 50 * 3)  # three queries per pass
-    torch.testing.assert_close(get_kernel("torch")(*args, **kw), ref, atol=1e-6, rtol=0)
+    monkeypatch.setattr(topk, "_top_k", lambda scores, k: seen.append(scores.numel()) or select(scores, k))
+    fake = lambda far, s, e, *a: blocks.append(e - s) or piece(far, s, e, *a)  # noqa: E731
+    monkeypatch.setattr(torch_chunked, "global_piece", fake)
+    if backend == "flex":
+        from lminfinite.kernels import flex
+
+        monkeypatch.setattr(flex, "global_piece", fake)
+    torch.testing.assert_close(get_kernel(backend)(*args, **kw), ref, atol=1e-5, rtol=1e-5)
+    assert seen and max(seen) <= 4 * 50 * 3
+    assert blocks and max(blocks) <= 8
 
 
 def test_top_k_ties_go_to_the_earlier_key(kernel):

@@ -38,9 +38,10 @@ def _rot(x, rotary, pos):
     return out
 
 
-def spec_attention(q_raw, k_raw, v, G, L, D, rotary=None, slopes=None, top_k=0):
+def spec_attention(q_raw, k_raw, v, G, L, D, rotary=None, slopes=None, top_k=0, sinks=False):
     """Loops over queries and keys; q_raw/k_raw unrotated (1, H, T, d). RoPE when `rotary` is given,
-    ALiBi when `slopes` are."""
+    ALiBi when `slopes` are. `sinks`: the StreamingLLM-style baseline, starting key j at its own
+    position and the query at min(D, i)."""
     H, T, d = q_raw.shape[1], q_raw.shape[2], q_raw.shape[3]
     rep = H // k_raw.shape[1]
     out = torch.zeros(1, H, T, v.shape[-1])
@@ -59,7 +60,7 @@ def spec_attention(q_raw, k_raw, v, G, L, D, rotary=None, slopes=None, top_k=0):
                 if i - j < L:
                     logits.append(logit(h, i, j, i, j))
                 elif j < G:
-                    logits.append(logit(h, i, j, D, 0))
+                    logits.append(logit(h, i, j, min(D, i), j) if sinks else logit(h, i, j, D, 0))
                 else:
                     middle.append((logit(h, i, j, D, 0), j))  # a middle key, scored at distance D
                     continue
@@ -119,3 +120,22 @@ def test_alibi_attention_matches_the_written_method(backend, G, L, D, top_k):
     out = _call(q, k, v, cfg, alibi=Alibi(slopes, D))
     expected = spec_attention(q, k, v, G, L, D, slopes=slopes, top_k=top_k).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alibi", [False, True])
+def test_own_sink_positions_match_the_written_baseline(backend, alibi):
+    """sink_positions="own" (the `sinks` eval method): starting key j seen at distance min(D, i) - j."""
+    G, L, D = 3, 6, 9
+    q_raw, k_raw, v = _qkv(H=4, Hkv=4 if alibi else 2)
+    cfg = LambdaConfig(n_global=G, n_local=L, limit_distance=D, backend=backend, block_size=5, sink_positions="own")
+    if alibi:
+        slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+        out = _call(q_raw, k_raw, v, cfg, alibi=Alibi(slopes, D, sinks=True))
+        expected = spec_attention(q_raw, k_raw, v, G, L, D, slopes=slopes, sinks=True)
+    else:
+        rotary = _Rotary(q_raw.shape[-1])
+        pos = torch.arange(q_raw.shape[2])
+        out = _call(_rot(q_raw, rotary, pos), _rot(k_raw, rotary, pos), v, cfg, rope=Rope(rotary))
+        expected = spec_attention(q_raw, k_raw, v, G, L, D, rotary=rotary, sinks=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)

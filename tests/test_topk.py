@@ -76,16 +76,15 @@ def test_greedy_generation_equals_recomputation():
 
 
 def test_layers_before_top_k_from_layer_are_plain_lambda():
-    model = tiny_model("llama")
+    model = tiny_model("llama")  # 2 layers: top-k in layer 1 only
     ids = _ids(8 * L, seed=4)
     lminfinite.enable(model, n_global=G, n_local=L)
-    plain = _logits(model, ids)
-    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, top_k_from_layer=2)  # the model has 2 layers
-    torch.testing.assert_close(_logits(model, ids), plain, atol=0, rtol=0)
+    plain = model(input_ids=ids, use_cache=False, output_hidden_states=True)
     lminfinite.enable(model, n_global=G, n_local=L, top_k=K, top_k_from_layer=1)
-    with_top_k = _logits(model, ids)
-    assert (with_top_k - plain).abs().max() > 1e-3
-    torch.testing.assert_close(with_top_k[:, : L + G], plain[:, : L + G], atol=1e-5, rtol=0)  # no middle yet
+    top = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    torch.testing.assert_close(top.hidden_states[1], plain.hidden_states[1], atol=0, rtol=0)  # after layer 0
+    assert (top.logits - plain.logits).abs().max() > 1e-3
+    torch.testing.assert_close(top.logits[:, : L + G], plain.logits[:, : L + G], atol=1e-5, rtol=0)  # no middle yet
 
 
 def test_cache_must_match_the_top_k_setting():
@@ -97,7 +96,14 @@ def test_cache_must_match_the_top_k_setting():
         model(input_ids=_ids(4), cache=LambdaCache(G, L, 2, keep_middle=True))
 
 
-@pytest.mark.parametrize("kwargs,match", [({"top_k": -1}, ">= 0"), ({"top_k": 2, "sink_positions": "own"}, "zero")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_k": -1}, ">= 0"),
+        ({"top_k": 2, "sink_positions": "own"}, "zero"),
+        ({"top_k": 2, "top_k_from_layer": 2}, "no layer would use top-k"),
+    ],
+)
 def test_bad_top_k_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, **kwargs)

@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import lambda_attention_forward
+from .attention import ALIBI_STATES, lambda_attention_forward
+from .context import CTX_KWARG
+
+
+def _context(attention_mask) -> dict:
+    """The forward's context, carried by the placeholder mask (see `attention.alibi_mask`)."""
+    ctx = getattr(attention_mask, CTX_KWARG, None)
+    return {} if ctx is None else {CTX_KWARG: ctx}
 
 
 def _mpt_slopes(decoder: nn.Module) -> torch.Tensor:
@@ -38,7 +45,7 @@ def _mpt_attention(self, hidden_states, position_bias=None, cache=None, attentio
     q, k, v = (x.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx)
-    out, _ = lambda_attention_forward(self, q, k, v, None, scaling=self.softmax_scale)
+    out, _ = lambda_attention_forward(self, q, k, v, None, scaling=self.softmax_scale, **_context(attention_mask))
     return self.out_proj(out.reshape(B, T, -1)), None
 
 
@@ -47,7 +54,7 @@ def _bloom_attention(self, hidden_states, residual, alibi=None, attention_mask=N
     q, k, v = self._reshape(self.query_key_value(hidden_states))
     if layer_past is not None:
         k, v = layer_past.update(k, v, self.layer_idx)
-    out, _ = lambda_attention_forward(self, q, k, v, None, scaling=self.inv_norm_factor)
+    out, _ = lambda_attention_forward(self, q, k, v, None, scaling=self.inv_norm_factor, **_context(attention_mask))
     out = self.dense(out.reshape(B, T, -1))
     return residual + F.dropout(out, p=self.hidden_dropout, training=self.training), None
 
@@ -67,6 +74,17 @@ class _Forward:
         vars(self.module).pop("forward", None)
 
 
+class _Registered:
+    """A handle that lets the ALiBi mask function find `state` from the model's config until `remove()`."""
+
+    def __init__(self, config, state):
+        self.key = id(config)
+        ALIBI_STATES[self.key] = state
+
+    def remove(self) -> None:
+        ALIBI_STATES.pop(self.key, None)
+
+
 def check(model: nn.Module) -> None:
     """Refuse an ALiBi model whose attention the adapters do not reproduce."""
     config = model.config
@@ -81,7 +99,7 @@ def slopes(decoder: nn.Module, model_type: str) -> torch.Tensor:
     return FAMILIES[model_type][1](decoder)
 
 
-def install(modules: list[nn.Module], model_type: str) -> list[_Forward]:
+def install(state, config, model_type: str) -> list:
     """Route each attention module of an ALiBi model to the Λ kernels; returns the handles."""
     adapter = FAMILIES[model_type][0]
-    return [_Forward(module, adapter) for module in modules]
+    return [_Registered(config, state)] + [_Forward(module, adapter) for module in state.modules]

@@ -172,6 +172,11 @@ def enable(
         disable(model)
     register()
     text_config = model.config.get_text_config(decoder=True)
+    if config.top_k and config.top_k_from_layer >= text_config.num_hidden_layers:
+        raise ValueError(
+            f"top_k_from_layer={config.top_k_from_layer} but the model has {text_config.num_hidden_layers} layers "
+            "(numbered from 0): no layer would use top-k, yet the cache would keep every token"
+        )
     state = LambdaState(
         config=config,
         num_layers=text_config.num_hidden_layers,
@@ -187,8 +192,9 @@ def enable(
     state.handles.append(decoder.register_forward_hook(post_hook, with_kwargs=True))
     model_type = getattr(model.config, "model_type", None)
     if model_type in alibi.FAMILIES:
-        state.alibi = Alibi(alibi.slopes(decoder, model_type), config.limit_distance)
-        state.handles.extend(alibi.install(state.modules, model_type))
+        sinks = config.sink_positions == "own"
+        state.alibi = Alibi(alibi.slopes(decoder, model_type), config.limit_distance, sinks=sinks)
+        state.handles.extend(alibi.install(state, model.config, model_type))
         model.config._attn_implementation = ALIBI_NAME  # they refuse set_attn_implementation; only masks read it
     else:
         state.handles.extend(install_rope_hooks(rope))

@@ -24,7 +24,10 @@ from .positions import layer_window
 NAME = "lm_infinite"
 # ALiBi models (MPT, Bloom) compute attention themselves (see alibi.py) but still build a mask: under this
 # name they get an O(1) placeholder (MPT calls `.to(torch.bool)` on it) instead of a (q_len, k_len) mask.
+# The placeholder carries the forward's context down to their attention modules (their blocks pass no
+# other per-forward argument), so a layer re-run by gradient checkpointing sees its own forward.
 ALIBI_NAME = "lm_infinite_alibi"
+ALIBI_STATES: dict = {}  # id(model config) -> LambdaState, for the ALiBi mask function
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -103,9 +106,12 @@ def lambda_mask(*args, **kwargs) -> None:
     return None
 
 
-def alibi_mask(*args, **kwargs) -> torch.Tensor:
-    """Mask function for ALiBi models: an O(1) placeholder their (replaced) attention never reads."""
-    return torch.zeros((), dtype=torch.bool)
+def alibi_mask(*args, config=None, **kwargs) -> torch.Tensor:
+    """Mask function for ALiBi models: an O(1) placeholder, carrying the current forward's context."""
+    placeholder = torch.zeros((), dtype=torch.bool)
+    state = ALIBI_STATES.get(id(config))
+    setattr(placeholder, CTX_KWARG, None if state is None else state.ctx)
+    return placeholder
 
 
 def register() -> None:

@@ -45,8 +45,11 @@ class LambdaLayer(DynamicLayer):
         keys, values = self.keys, self.values
         rope = plan["layer_ropes"][self.layer_idx]
         if plan["shift"] and keys.numel() and rope is not None:
-            keys = rope.rotate(keys, *plan["shift_cos_sin"](rope, keys.device))
-        full_k = torch.cat([keys, key_states], dim=-2)
+            a = plan["moving_from"]  # columns before it do not move (starting tokens, past the window)
+            moved = rope.rotate(keys[..., a:, :], *plan["shift_cos_sin"](rope, keys.device))
+            full_k = torch.cat([keys[..., :a, :], moved, key_states], dim=-2)
+        else:
+            full_k = torch.cat([keys, key_states], dim=-2)
         full_v = torch.cat([values, value_states], dim=-2)
         keep = plan["keep"]
         if keep is None:
@@ -72,7 +75,8 @@ class LambdaLayer(DynamicLayer):
 
 
 class LambdaCache(Cache):
-    """A bounded KV cache for LM-Infinite: starting tokens + local window, constant memory.
+    """A bounded KV cache for LM-Infinite: starting tokens + local window, constant memory
+    (`keep_middle=True`, for the top-k extension: every token, memory grows with the stream).
 
     Created for you by an enabled model (forward with `use_cache=True`, `generate()`,
     `lminfinite.prefill`); build one yourself with `LambdaCache.for_model(model)`.
@@ -157,11 +161,17 @@ class LambdaCache(Cache):
         self.seen = new_seen
         self._columns += Tq
 
+        moving_from = 0
+        if shift:
+            movers = moving.any(0).nonzero()
+            moving_from = int(movers.min()) if movers.numel() else moving.shape[1]
+
         def shift_cos_sin(layer_rope, dev):
-            return layer_rope.cos_sin(delta.to(dev))
+            return layer_rope.cos_sin(delta[:, moving_from:].to(dev))
 
         self._plan = {
             "shift": shift,
+            "moving_from": moving_from,
             "keep": keep,
             "layer_ropes": layer_ropes,
             "shift_cos_sin": shift_cos_sin,

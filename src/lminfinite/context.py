@@ -16,7 +16,7 @@ the rotary embedding). Before every forward it:
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ class LambdaState:
         if self.alibi is None:
             return None
         if device not in self._alibi_on:
-            self._alibi_on[device] = Alibi(self.alibi.slopes.to(device), self.alibi.limit_distance)
+            self._alibi_on[device] = replace(self.alibi, slopes=self.alibi.slopes.to(device))
         return self._alibi_on[device]
 
 

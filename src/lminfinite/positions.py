@@ -88,10 +88,13 @@ class Alibi:
 
     slopes: (heads,) float32, read from the model's own ALiBi function.
     limit_distance: `D`, the distance at which the global branch sees its keys.
+    sinks: StreamingLLM-style baseline (`sink_positions="own"`): starting key `j` is seen from query
+        `i` at distance `min(D, i) - j`, as with RoPE.
     """
 
     slopes: torch.Tensor
     limit_distance: int
+    sinks: bool = False
 
     def bias(self, distance: torch.Tensor | int, head_shape: tuple[int, ...]) -> torch.Tensor:
         """`-slope * distance`, with the slopes laid out as `head_shape` followed by two singleton
@@ -101,9 +104,12 @@ class Alibi:
             slopes = slopes.to(distance.device)
         return -slopes * distance
 
-    def global_bias(self, head_shape: tuple[int, ...]) -> torch.Tensor:
-        """The bias every global-branch (and top-k middle) key gets: distance `D`."""
-        return self.bias(self.limit_distance, head_shape)
+    def far_bias(self, q_idx: torch.Tensor, k_idx: torch.Tensor, head_shape: tuple[int, ...]) -> torch.Tensor:
+        """The bias of a key seen at distance `D` (global branch, top-k middle keys); with `sinks`,
+        the distance `min(D, i) - j` (q_idx, k_idx broadcast like the scores, head dims singleton)."""
+        if not self.sinks:
+            return self.bias(self.limit_distance, head_shape)
+        return self.bias(q_idx.clamp(max=self.limit_distance) - k_idx, head_shape)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Long inputs through a cache: `prefill()` and `score()`, chunk by chunk, in bounded memory.
 
 On an enabled model the cache is a LambdaCache, so memory depends on the chunk size and the
-window, not on the input length; on an unmodified model the same code gives the exact vanilla
+window, not on the input length (except with the top-k extension, whose cache keeps every token);
+on an unmodified model the same code gives the exact vanilla
 result with a growing DynamicCache (the baseline).
 """
 
@@ -52,7 +53,8 @@ def prefill(
     """Feed `input_ids` (batch, n; left padding allowed) into a cache, `chunk_size` tokens at a time.
 
     On an enabled model the cache is a LambdaCache holding `n_global + n_local` tokens per row, so
-    peak memory depends on `chunk_size + n_global + n_local`, not on `n`. Returns the cache; pass it
+    peak memory depends on `chunk_size + n_global + n_local`, not on `n` (with `top_k`, the cache keeps
+    all `n` tokens). Returns the cache; pass it
     to `model.generate(full_ids, cache=cache)` or `stream()` to continue. Chunks also keep the
     RoPE positions bounded (below `2 * n_local + chunk_size`); `chunk_size=None` is one forward.
     """
@@ -76,7 +78,8 @@ def score(model: nn.Module, input_ids, attention_mask=None, chunk_size: int | No
     """Per-token negative log-likelihood (nats) of `input_ids[:, 1:]`, shape (batch, n - 1).
 
     The input is fed in chunks through a cache (a LambdaCache when the model is enabled), and only
-    one chunk's logits exist at a time, so inputs of millions of tokens fit in memory. Positions
+    one chunk's logits exist at a time, so inputs of millions of tokens fit in memory (with `top_k` the
+    cache grows with n, and each query scores every middle token). Positions
     whose token or predecessor is padding are NaN. An unenabled model is scored exactly too (its
     cache then grows with n).
     """

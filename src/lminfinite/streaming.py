@@ -1,7 +1,8 @@
 """Endless generation: `stream()` yields text as it is generated and keeps its cache across calls.
 
 The loop is plain: prefill the prompt in chunks, then one token per forward through the
-LambdaCache, so memory and time per token stay constant for hours of output. Passing the same
+LambdaCache, so memory and time per token stay constant for hours of output (not with the top-k
+extension: its cache keeps every token). Passing the same
 `cache` to the next call appends the next user turn to the same context (multi-turn chat).
 """
 

@@ -39,22 +39,26 @@ def base(method: str) -> str:
 def top_k_setting(method: str) -> tuple[int, int]:
     """(k, first layer) of a `topk[:K[:FROM]]` method (defaults 5 and 0)."""
     parts = method.split(":")[1:]
-    if base(method) != "topk" or len(parts) > 2 or not all(p.isdigit() for p in parts) or parts[:1] == ["0"]:
+    numbers = [int(p) for p in parts if p.isdigit()]
+    if base(method) != "topk" or len(parts) > 2 or len(numbers) != len(parts) or numbers[:1] == [0]:
         raise ValueError(f"invalid method {method!r}: write topk, topk:K or topk:K:FROM_LAYER with K >= 1")
-    k, first = ([int(p) for p in parts] + [5, 0][len(parts) :])[:2]
+    k, first = (numbers + [5, 0][len(numbers) :])[:2]
     return k, first
 
 
+def _setting(method: str):
+    return (base(method), top_k_setting(method)) if base(method) == "topk" else method
+
+
 def parse_methods(spec: str) -> list[str]:
-    """`"vanilla,lminfinite"` -> `["vanilla", "lminfinite"]`; unknown or repeated names are errors."""
+    """`"vanilla,lminfinite"` -> `["vanilla", "lminfinite"]`; unknown or repeated methods are errors
+    (`topk` and `topk:5:0` are the same method)."""
     names = [m.strip() for m in spec.split(",") if m.strip()]
     bad = [m for m in names if base(m) not in METHODS or (":" in m and base(m) != "topk")]
     if bad or not names:
         raise ValueError(f"invalid method(s) {', '.join(bad) or repr(spec)}; choose from {', '.join(METHODS)}")
-    for m in names:
-        if base(m) == "topk":
-            top_k_setting(m)
-    if len(set(names)) != len(names):
+    settings = [_setting(m) for m in names]
+    if len(set(settings)) != len(settings):
         raise ValueError(f"method listed twice in {spec!r}")
     return names
 

@@ -78,9 +78,13 @@ def attention(
             enable_gqa=rep > 1,
             return_lse=True,
         )
-    pieces = [(out, lse)]
     far = Far(qg, kg, vg, g_idx, middle, alibi, softcap)
-    if far:
-        pieces.append(global_piece(far, 0, Tq, q_idx, n_global, n_local, scaling, rep))
-    out = merge(pieces)
+    if far:  # the far keys in blocks of queries: top-k values are (queries, k, head_dim) per head
+        step = block_size or 256
+        blocks = [
+            global_piece(far, s, min(s + step, Tq), q_idx[:, s : s + step], n_global, n_local, scaling, rep)
+            for s in range(0, Tq, step)
+        ]
+        far_piece = (torch.cat([o for o, _ in blocks], 2), torch.cat([lse for _, lse in blocks], 2))
+        out = merge([(out, lse), far_piece])
     return out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)

@@ -39,18 +39,22 @@ def attention(
     qi = q_idx[:, None, :, None]
     if alibi is not None:
         scores = scores + alibi.bias(qi - k_idx[:, None, None, :], (1, H))
-    far_bias = 0.0 if alibi is None else alibi.global_bias((1, H))
     scores = scores.masked_fill(~local_rule(qi, k_idx[:, None, None, :], n_local), float("-inf"))
     all_scores, values = [scores], [v]
     if qg is not None and kg.shape[2] > 0:
         gscores = _capped((qg.float() @ kg.repeat_interleave(rep, 1).float().transpose(-1, -2)) * scaling, softcap)
-        gallowed = global_rule(qi, g_idx[:, None, None, :], n_global, n_local)
-        all_scores.append((gscores + far_bias).masked_fill(~gallowed, float("-inf")))
+        gi = g_idx[:, None, None, :]
+        if alibi is not None:
+            gscores = gscores + alibi.far_bias(qi, gi, (1, H))
+        all_scores.append(gscores.masked_fill(~global_rule(qi, gi, n_global, n_local), float("-inf")))
         values.append(vg.repeat_interleave(rep, 1).float())
     if middle is not None and middle.keys.shape[2] > 0:
         km = middle.keys.repeat_interleave(rep, 1).float()
-        mscores = _capped((qg.float() @ km.transpose(-1, -2)) * scaling, softcap) + far_bias
-        mscores = mscores.masked_fill(~middle_rule(qi, middle.idx[:, None, None, :], n_global, n_local), float("-inf"))
+        mscores = _capped((qg.float() @ km.transpose(-1, -2)) * scaling, softcap)
+        mi = middle.idx[:, None, None, :]
+        if alibi is not None:
+            mscores = mscores + alibi.far_bias(qi, mi, (1, H))
+        mscores = mscores.masked_fill(~middle_rule(qi, mi, n_global, n_local), float("-inf"))
         # The k best middle keys of each query and head; among equal scores the earlier key wins.
         order = mscores.sort(dim=-1, descending=True, stable=True).indices[..., : middle.top_k]
         best = torch.zeros_like(mscores, dtype=torch.bool).scatter_(-1, order, True)

@@ -96,8 +96,9 @@ class Far:
     def __bool__(self) -> bool:
         return self.n_candidates > 0 or self.middle is not None
 
-    def bias(self, head_shape):
-        return None if self.alibi is None else self.alibi.global_bias(head_shape).to(self.qg.device)
+    def bias(self, q_idx, k_idx, head_shape):
+        """ALiBi bias of far keys `k_idx` for queries `q_idx` (None without ALiBi)."""
+        return None if self.alibi is None else self.alibi.far_bias(q_idx, k_idx, head_shape).to(self.qg.device)
 
 
 # ---------------------------------------------------------------------------------------------- band path
@@ -123,15 +124,17 @@ def global_piece(far: Far, s, e, q_idx_b, n_global, n_local, scaling, rep):
     qg_b = far.qg[:, :, s:e]
     B, H, n, _ = qg_b.shape
     Hkv, S = far.kg.shape[1], far.n_candidates
-    bias = far.bias((1, H))
     scores = (qg_b.reshape(B, Hkv, rep * n, -1).float() @ far.kg.float().transpose(-1, -2)).view(B, H, n, S) * scaling
     if far.softcap is not None:
         scores = far.softcap * torch.tanh(scores / far.softcap)
+    qi = q_idx_b[:, None, :, None]
+    bias = far.bias(qi, far.g_idx[:, None, None, :], (1, H))
     if bias is not None:
         scores = scores + bias
     allowed = global_rule(q_idx_b[:, :, None], far.g_idx[:, None, :], n_global, n_local)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    if far.middle is not None:
+    if far.middle is not None:  # (top-k needs sink_positions="zero": one bias for every middle key)
+        bias = far.bias(qi, far.middle.idx[:, None, None, :1], (1, H))
         top_scores, top_values = topk.select(
             qg_b, far.middle, q_idx_b, n_global, n_local, scaling, rep, far.softcap, bias
         )
