@@ -164,7 +164,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant):
         model = alibi_model(family).train()
         lminfinite.enable(model, n_global=2, n_local=8)
         if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            model.activation_checkpointing_enable({"use_reentrant": reentrant})
         loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         model(input_ids=_ids(24, 13), use_cache=False)  # a later forward before backward
         loss.backward()
