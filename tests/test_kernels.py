@@ -198,3 +198,25 @@ def test_top_k_ties_go_to_the_earlier_key(kernel):
     for backend in BACKENDS:
         out = kernel(backend)(*args, **kw, middle=Middle(keys, middle.values, middle.idx, 2))
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+@pytest.mark.parametrize("Tq", [64, 1])
+def test_alibi_low_precision(kernel, backend, dtype, atol, Tq):
+    args = _inputs(1, 4, 4, Tq, 64, 16, pads=[0], G=3, dtype=dtype)
+    kw = dict(n_global=3, n_local=12, scaling=0.25, block_size=10, alibi=_alibi(4, 12))
+    ref = get_kernel("naive")(*[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
+    out = kernel(backend)(*args, **kw)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
+
+
+def test_band_path_is_taken_for_alibi(monkeypatch):
+    calls = []
+    band = torch_chunked._band_path
+    monkeypatch.setattr(torch_chunked, "_band_path", lambda *a: calls.append(1) or band(*a))
+    args = _inputs(1, 4, 4, 50, 50, 8, pads=[0], G=2)
+    out = get_kernel("torch")(*args, n_global=2, n_local=9, scaling=1.0, alibi=_alibi(4, 9))
+    assert calls == [1]
+    torch.testing.assert_close(out, get_kernel("naive")(*args, n_global=2, n_local=9, scaling=1.0, alibi=_alibi(4, 9)))

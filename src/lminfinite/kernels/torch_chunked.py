@@ -9,7 +9,8 @@ branch. Two paths compute the same thing:
   of the block sees (a full rectangle), and the oldest keys (an anti-causal triangle, which is
   causal once queries and keys are flipped). Each piece runs in PyTorch's fused CPU attention,
   which returns its log-sum-exp; the pieces and the global branch merge exactly by log-sum-exp.
-- Masked path (anything else: padded rows, softcapping, ALiBi, other devices). Scores of the band
+  ALiBi biases enter each piece as key-only biases, corrected in its log-sum-exp.
+- Masked path (anything else: padded rows, softcapping, other devices). Scores of the band
   are masked by the Λ rule; the band and the far keys (starting keys, top-k middle keys) merge by
   log-sum-exp.
 
@@ -76,10 +77,11 @@ def attention(
     if plain and _is_plain_causal(q_idx, k_idx, n_local):
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=rep > 1)
     far = Far(qg, kg, vg, g_idx, middle, alibi, softcap)
-    if plain and _FUSED is not None and q.device.type == "cpu" and n_local > 1 and q.dtype == v.dtype:
+    if softcap is None and _FUSED is not None and q.device.type == "cpu" and n_local > 1 and q.dtype == v.dtype:
         c0 = _contiguous_from(k_idx, q_idx, n_local, far.n_candidates)
         if c0 is not None:
-            return _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size)
+            slopes = None if alibi is None else alibi.slopes.to(device=q.device, dtype=torch.float32)
+            return _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size, slopes)
     return _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi, block_size)
 
 
@@ -104,9 +106,10 @@ class Far:
 # ---------------------------------------------------------------------------------------------- band path
 
 
-def _fused(q, k, v, causal: bool, scaling: float):
-    """Fused attention of one piece: (output, log-sum-exp), both (B, H, Tq, ...)."""
-    out, lse = _FUSED(q, k, v, 0.0, causal, scale=scaling)
+def _fused(q, k, v, causal: bool, scaling: float, bias=None):
+    """Fused attention of one piece: (output, log-sum-exp), both (B, H, Tq, ...). `bias`: additive
+    float32 logits broadcast against (B, H, Tq, Tk)."""
+    out, lse = _FUSED(q, k, v, 0.0, causal, attn_mask=bias, scale=scaling)
     return out, lse
 
 
@@ -147,7 +150,7 @@ def global_piece(far: Far, s, e, q_idx_b, n_global, n_local, scaling, rep):
     return out, lse
 
 
-def _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size):
+def _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size, slopes=None):
     B, H, Tq, _ = q.shape
     rep = H // k.shape[1]
     kt, vt = k[:, :, c0:], v[:, :, c0:]
@@ -156,32 +159,68 @@ def _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size):
     out = torch.empty(B, H, Tq, v.shape[-1], dtype=q.dtype, device=q.device)
     for s in range(0, Tq, bq):
         e = min(s + bq, Tq)
-        pieces = _local_pieces(q[:, :, s:e], kt, vt, s + off, e + off, n_local, scaling, rep)
+        pieces = _local_pieces(q[:, :, s:e], kt, vt, s + off, e + off, n_local, scaling, rep, slopes)
         if far:
             pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, scaling, rep))
         out[:, :, s:e] = merge(pieces)
     return out
 
 
-def _local_pieces(qb, kt, vt, a, b, n_local, scaling, rep):
-    """The local branch of queries whose own keys are columns [a, b) of kt, as mask-free pieces."""
+def _local_pieces(qb, kt, vt, a, b, n_local, scaling, rep, slopes=None):
+    """The local branch of queries whose own keys are columns [a, b) of kt, as mask-free pieces.
+
+    ALiBi (`slopes`): query `a + t` and key `c` need `-slope * (a + t - c)`. Each piece gets the
+    key-only bias `slope * (c - a)` (a row of constants is all a softmax needs), and its log-sum-exp
+    is then moved by the row's `-slope * t`, so the pieces still merge exactly."""
     B, H, n, _ = qb.shape
     Hkv = H // rep
+    alibi = _KeyBias(slopes, a, Hkv, rep) if slopes is not None else None
     if n == 1:  # one query (decoding): its whole window in one piece
         lo = max(0, b - n_local)
-        o, lse = _fused(qb.reshape(B, Hkv, rep, -1), kt[:, :, lo:b], vt[:, :, lo:b], False, scaling)
+        bias = None if alibi is None else alibi.grouped(lo, b, 1)
+        o, lse = _fused(qb.reshape(B, Hkv, rep, -1), kt[:, :, lo:b], vt[:, :, lo:b], False, scaling, bias)
         return [(o.reshape(B, H, 1, -1), lse.reshape(B, H, 1))]
-    pieces = [_fused(qb, _expand(kt[:, :, a:b], rep), _expand(vt[:, :, a:b], rep), True, scaling)]
+    bias = None if alibi is None else alibi.per_head(a, b)
+    pieces = [_fused(qb, _expand(kt[:, :, a:b], rep), _expand(vt[:, :, a:b], rep), True, scaling, bias)]
     r0 = max(0, b - n_local + 1)
     if r0 < a:  # keys every query of the block sees
-        o, lse = _fused(qb.reshape(B, Hkv, rep * n, -1), kt[:, :, r0:a], vt[:, :, r0:a], False, scaling)
+        bias = None if alibi is None else alibi.grouped(r0, a, n)
+        o, lse = _fused(qb.reshape(B, Hkv, rep * n, -1), kt[:, :, r0:a], vt[:, :, r0:a], False, scaling, bias)
         pieces.append((o.reshape(B, H, n, -1), lse.reshape(B, H, n)))
     t0, t1 = max(0, a - n_local + 1), b - n_local + 1
     if t1 > t0:  # oldest keys: query i sees key j iff j > i - L; causal after flipping both
         kf, vf = _expand(kt[:, :, t0:t1], rep).flip(2), _expand(vt[:, :, t0:t1], rep).flip(2)
-        o, lse = _fused(qb.flip(2), kf, vf, True, scaling)
+        bias = None if alibi is None else alibi.per_head(t0, t1).flip(-1)
+        o, lse = _fused(qb.flip(2), kf, vf, True, scaling, bias)
         pieces.append((o.flip(2), lse.flip(2)))
+    if alibi is not None:
+        pieces = [(o, lse - alibi.row_shift(n)) for o, lse in pieces]
     return pieces
+
+
+class _KeyBias:
+    """Key-only ALiBi biases `slope * (c - a)` for key columns c, in the layouts the pieces use."""
+
+    def __init__(self, slopes, a, n_kv, rep):
+        self.slopes, self.a, self.n_kv, self.rep = slopes, a, n_kv, rep
+
+    def _cols(self, lo, hi):
+        return torch.arange(lo - self.a, hi - self.a, device=self.slopes.device, dtype=torch.float32)
+
+    def per_head(self, lo, hi):
+        """(1, H, 1, hi - lo): queries of one head share a row."""
+        return (self.slopes[:, None] * self._cols(lo, hi))[None, :, None]
+
+    def grouped(self, lo, hi, n):
+        """(1, Hkv, rep * n, hi - lo): the rows of `n` queries of each of the `rep` heads of a kv head."""
+        bias = (self.slopes[:, None] * self._cols(lo, hi)).view(1, self.n_kv, self.rep, 1, -1)
+        if self.rep == 1:
+            return bias[:, :, 0]  # (1, H, 1, m): broadcast over the queries, nothing materialised
+        return bias.expand(-1, -1, -1, n, -1).reshape(1, self.n_kv, self.rep * n, -1)
+
+    def row_shift(self, n):
+        """(1, H, n): what each query's log-sum-exp lacks, `slope * t` for query t of the block."""
+        return self.slopes[None, :, None] * torch.arange(n, device=self.slopes.device, dtype=torch.float32)
 
 
 def merge(pieces):
