@@ -33,8 +33,21 @@ REALISTIC = dict(
 )
 
 
-def realistic_model(n_local: int):
+# The same width as an ALiBi model (MPT: no GQA, a 4x MLP without gate).
+REALISTIC_MPT = dict(vocab_size=32000, d_model=2048, n_heads=16, n_layers=4)
+MODELS = {
+    "llama": "random Llama (hidden 2048, 16 heads, 4 KV heads, 4 layers)",
+    "mpt": "random MPT with ALiBi (d_model 2048, 16 heads, 4 layers)",
+}
+
+
+def realistic_model(n_local: int, family: str = "llama", table: int | None = None):
+    """A random model pretrained (so to speak) on `n_local` tokens; MPT's ALiBi table gets `table`
+    columns (the unmodified MPT cannot run past its table)."""
     torch.manual_seed(0)
+    if family == "mpt":
+        config = transformers.MptConfig(**REALISTIC_MPT, max_seq_len=table or n_local)
+        return transformers.MptForCausalLM(config).eval()
     config = transformers.LlamaConfig(**REALISTIC, max_position_embeddings=n_local)
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -113,10 +126,13 @@ def save(name: str, config: dict, rows: list[dict]) -> Path:
     return path
 
 
-def report(name: str, n_local: int, config: dict, rows: list[dict], panel: tuple[str, str], xlabel: str) -> None:
-    """Save a random-Llama benchmark's JSON and its plot (time per token and `panel` against length/L)."""
-    save(name, {"model": {"random Llama": REALISTIC}, "n_local": n_local, "n_global": 10, **config}, rows)
-    title = f"{name.capitalize()}, random Llama (hidden 2048, 16 heads, 4 KV heads, 4 layers), L={n_local}"
+def report(
+    name: str, n_local: int, config: dict, rows: list[dict], panel: tuple[str, str], xlabel: str, family: str = "llama"
+) -> None:
+    """Save a random-model benchmark's JSON and its plot (time per token and `panel` against length/L)."""
+    shape = REALISTIC_MPT if family == "mpt" else REALISTIC
+    save(name, {"model": {MODELS[family]: shape}, "n_local": n_local, "n_global": 10, **config}, rows)
+    title = f"{name.split('_')[0].capitalize()}, {MODELS[family]}, L={n_local}"
     plot(name, rows, "mult", [("ms_per_token", "ms per token"), panel], xlabel, title)
 
 
