@@ -220,3 +220,16 @@ def test_band_path_is_taken_for_alibi(monkeypatch):
     out = get_kernel("torch")(*args, n_global=2, n_local=9, scaling=1.0, alibi=_alibi(4, 9))
     assert calls == [1]
     torch.testing.assert_close(out, get_kernel("naive")(*args, n_global=2, n_local=9, scaling=1.0, alibi=_alibi(4, 9)))
+
+
+@pytest.mark.parametrize("select", ["_top_k", "_top_k_exact"])
+def test_top_k_selection_rule(select):
+    """k highest, ties to the earlier index, exactly k even among -inf: the set a stable sort gives."""
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randint(0, 6, (40, 30), generator=g).float()  # many ties
+    scores[::3] = torch.randn(14, 30, generator=g)  # rows without ties
+    scores[5, 2:] = float("-inf")  # fewer than k finite scores
+    best, where = getattr(topk, select)(scores, 4)
+    expected = scores.sort(dim=-1, descending=True, stable=True).indices[:, :4]
+    assert torch.equal(where.sort(-1).values, expected.sort(-1).values)
+    torch.testing.assert_close(best, scores.gather(-1, where))

@@ -65,10 +65,25 @@ def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=N
 
 
 def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k highest scores along the last dimension and their indices, ties to the earlier index.
+    """The k highest scores along the last dimension and their indices; ties go to the earlier index.
 
-    `torch.topk` leaves ties unspecified; here the k-th value is found, every higher score is taken,
-    and the earliest scores equal to it fill the rest, so exactly k are chosen, in index order."""
+    `torch.topk` leaves ties unspecified. On the CPU its answer is kept for the rows where it is the
+    only one (exactly k scores reach the k-th value), and only the other rows are redone exactly; on
+    other devices every row is done exactly (no host sync)."""
+    if scores.device.type != "cpu":
+        return _top_k_exact(scores, k)
+    best, where = scores.topk(k, dim=-1)
+    tied = (scores >= best[..., -1:]).sum(-1) > k
+    if bool(tied.any()):
+        rows = tied.nonzero(as_tuple=True)
+        best, where = best.clone(), where.clone()
+        best[rows], where[rows] = _top_k_exact(scores[rows], k)
+    return best, where
+
+
+def _top_k_exact(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_top_k` by its rule on every row: the k-th value is found, every higher score is taken, and
+    the earliest scores equal to it fill the rest, so exactly k are chosen."""
     kth = scores.topk(k, dim=-1).values[..., -1:]
     above = scores > kth
     tied = scores == kth
