@@ -185,3 +185,18 @@ def test_own_sink_positions_change_alibi_distances(family):
     own = _logits(model, ids)
     assert (own[0, 20:] - zero[0, 20:]).abs().max() > 1e-3
     torch.testing.assert_close(own[0, :16], zero[0, :16], atol=1e-6, rtol=0)
+
+
+def test_an_enabled_model_is_not_kept_alive():
+    """The ALiBi mask function finds a model's state through a weak registry: dropping the model frees it."""
+    import gc
+    import weakref
+
+    from lminfinite.attention import ALIBI_STATES
+
+    model = lminfinite.enable(alibi_model("mpt"), n_global=2, n_local=16)
+    alive, key = weakref.ref(model), id(model.config)
+    assert ALIBI_STATES[key] is model._lminfinite
+    del model
+    gc.collect()
+    assert alive() is None and key not in ALIBI_STATES

@@ -56,6 +56,8 @@ def test_cached_feeding_equals_naive_one_forward(name, chunk):
     if name == "llama":
         assert cache.base > 0  # re-based, and the middle keys kept their own positions
         assert int(cache.pos.max()) <= 2 * L + chunk
+        # Keys that left the window before the last forward sit at position 0 (read there unrotated).
+        assert (cache.pos[:, G : ids.shape[1] - (L - 1) - chunk] == 0).all()
 
 
 def test_left_padded_batch_equals_naive():

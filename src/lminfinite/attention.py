@@ -12,6 +12,8 @@ token indices inside the kernels, in O(n), and no (q_len, k_len) mask is ever bu
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -27,7 +29,8 @@ NAME = "lm_infinite"
 # The placeholder carries the forward's context down to their attention modules (their blocks pass no
 # other per-forward argument), so a layer re-run by gradient checkpointing sees its own forward.
 ALIBI_NAME = "lm_infinite_alibi"
-ALIBI_STATES: dict = {}  # id(model config) -> LambdaState, for the ALiBi mask function
+# id(model config) -> LambdaState, for the ALiBi mask function; weak, so a dropped model is not kept alive.
+ALIBI_STATES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -68,17 +71,20 @@ def lambda_attention_forward(
     S = ctx.n_candidates if has_global else 0
     M = ctx.n_middle if has_global and cfg.uses_top_k(module.layer_idx) else 0
     qg = kg = vg = g_idx = middle = None
-    far = max(S, M)  # leading key columns that may be seen at distance D: starting and middle tokens
-    if far > 0:
-        qg, kf = query, key[:, :, :far]
+    if S > 0 or M > 0:  # keys seen at distance D: starting tokens, and middle tokens for top-k
+        qg, kg, km = query, key[:, :, :S], key[:, :, :M]
         if rope is not None:
             sinks = cfg.sink_positions == "own"
             qg = rope.rotate(query, *ctx.query_rotation(rope, cfg.limit_distance, device, sinks))
-            if not sinks:  # far keys back to position 0
-                kf = rope.rotate(kf, *ctx.key_rotation(rope, far, device))
-        kg, vg, g_idx = kf[:, :, :S], value[:, :, :S], k_idx[:, :S]
+            if not sinks:  # far keys back to position 0; cached middle keys are there already
+                kg = rope.rotate(kg, *ctx.key_rotation(rope, 0, S, device))
+                z = ctx.middle_at_zero(M, cfg.n_global)
+                if z < M:
+                    moved = rope.rotate(key[:, :, z:M], *ctx.key_rotation(rope, z, M, device))
+                    km = torch.cat([key[:, :, :z], moved], dim=2)
+        vg, g_idx = value[:, :, :S], k_idx[:, :S]
         if M > 0:
-            middle = Middle(kf[:, :, :M], value[:, :, :M], k_idx[:, :M], cfg.top_k)
+            middle = Middle(km, value[:, :, :M], k_idx[:, :M], cfg.top_k)
     kernel = get_kernel(resolve_backend(cfg.backend, device))
     out = kernel(
         query,

@@ -11,9 +11,10 @@ counts a row's real tokens and `base` is a shared offset. When the next position
 `2 * n_local` (and every row is far enough that its starting tokens are only seen through the
 global branch), `base` moves forward to `min(seen) - n_local` and the stored window keys are
 rotated back by the shift. Only keys inside the window move: each row's starting keys keep
-`base = 0` forever, and a key that leaves the window keeps the position it had (the far-key branch
-re-rotates both from their own small positions, known per column in `pos`), so no key is rotated
-more than a handful of times, and the positions given to RoPE stay below `2 * n_local + chunk
+`base = 0` forever, and a key that leaves the window keeps the position it had, or, when the middle
+is kept (top-k), goes to position 0 at the next forward (the far-key branch re-rotates keys from
+their own small positions, known per column in `pos`), so no key is rotated more than a handful of
+times, and the positions given to RoPE stay below `2 * n_local + chunk
 length` for any stream.
 """
 
@@ -44,10 +45,10 @@ class LambdaLayer(DynamicLayer):
             raise RuntimeError("LambdaCache.update called outside a forward of an lminfinite-enabled model")
         keys, values = self.keys, self.values
         rope = plan["layer_ropes"][self.layer_idx]
-        if plan["shift"] and keys.numel() and rope is not None:
-            a = plan["moving_from"]  # columns before it do not move (starting tokens, past the window)
-            moved = rope.rotate(keys[..., a:, :], *plan["shift_cos_sin"](rope, keys.device))
-            full_k = torch.cat([keys[..., :a, :], moved, key_states], dim=-2)
+        a, b = plan["moved"]  # the stored columns whose position changes in this forward
+        if b > a and rope is not None:
+            moved = rope.rotate(keys[..., a:b, :], *plan["move_cos_sin"](rope, keys.device))
+            full_k = torch.cat([keys[..., :a, :], moved, keys[..., b:, :], key_states], dim=-2)
         else:
             full_k = torch.cat([keys, key_states], dim=-2)
         full_v = torch.cat([values, value_states], dim=-2)
@@ -139,14 +140,17 @@ class LambdaCache(Cache):
             far_enough = int(seen.min()) >= G + L - 1
             if far_enough and int(new_seen.max()) - 1 - self.base > self.position_bound:
                 shift = max(0, int(seen.min()) - L - self.base)
-        old_tok, moving = self.tok.to(device), self.moving.to(device)
+        old_tok, old_pos, moving = self.tok.to(device), self.pos.to(device), self.moving.to(device)
         self.base += shift
         q_pos = (q_idx - self.base).clamp(min=0)
-        # Stored window keys move to the new base; starting keys and keys past the window stay.
+        # Stored window keys move to the new base; starting keys stay. With the middle kept, a key that
+        # has left the window goes to position 0 once, where the far-key branch reads it unrotated.
         delta = torch.where(moving, -shift, 0)
+        if self.keep_middle and any(r is not None for r in layer_ropes.values()):
+            delta = torch.where(~moving & (old_tok >= G), -old_pos, delta)
 
         full_tok = torch.cat([old_tok, q_idx], dim=1)
-        full_pos = torch.cat([self.pos.to(device) + delta, q_pos], dim=1)
+        full_pos = torch.cat([old_pos + delta, q_pos], dim=1)
         total = full_tok.shape[1]
         window = torch.zeros(total, dtype=torch.bool, device=device)
         if L > 1:
@@ -161,20 +165,19 @@ class LambdaCache(Cache):
         self.seen = new_seen
         self._columns += Tq
 
-        moving_from = 0
-        if shift:
-            movers = moving.any(0).nonzero()
-            moving_from = int(movers.min()) if movers.numel() else moving.shape[1]
+        moved = (0, 0)
+        if shift or self.keep_middle:
+            cols = (delta != 0).any(0).nonzero()
+            moved = (int(cols.min()), int(cols.max()) + 1) if cols.numel() else (0, 0)
 
-        def shift_cos_sin(layer_rope, dev):
-            return layer_rope.cos_sin(delta[:, moving_from:].to(dev))
+        def move_cos_sin(layer_rope, dev):
+            return layer_rope.cos_sin(delta[:, moved[0] : moved[1]].to(dev))
 
         self._plan = {
-            "shift": shift,
-            "moving_from": moving_from,
+            "moved": moved,
             "keep": keep,
             "layer_ropes": layer_ropes,
-            "shift_cos_sin": shift_cos_sin,
+            "move_cos_sin": move_cos_sin,
         }
         return q_idx, q_pos, full_tok, full_pos
 

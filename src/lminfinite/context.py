@@ -58,11 +58,21 @@ class ForwardContext:
             self._rotations[key] = rope.cos_sin(target - q_pos)
         return self._rotations[key]
 
-    def key_rotation(self, rope: Rope, columns: int, device: torch.device):
-        """(cos, sin) bringing the first `columns` key columns back to position 0."""
-        key = ("k", id(rope.rotary), rope.freq_attr, device, columns)
+    def key_rotation(self, rope: Rope, start: int, stop: int, device: torch.device):
+        """(cos, sin) bringing key columns [start, stop) back to position 0."""
+        key = ("k", id(rope.rotary), rope.freq_attr, device, start, stop)
         if key not in self._rotations:
-            self._rotations[key] = rope.cos_sin(-self.k_pos[:, :columns].to(device))
+            self._rotations[key] = rope.cos_sin(-self.k_pos[:, start:stop].to(device))
+        return self._rotations[key]
+
+    def middle_at_zero(self, columns: int, n_global: int) -> int:
+        """How many leading key columns hold only middle-eligible keys already at position 0 (or keys
+        that are never middle keys: starting tokens, padding); up to `columns`. A LambdaCache that keeps
+        the middle stores keys that left the window at position 0, so these need no rotation."""
+        key = ("z", columns, n_global)
+        if key not in self._rotations:
+            away = ((self.k_pos[:, :columns] != 0) & (self.k_idx[:, :columns] >= n_global)).any(0).nonzero()
+            self._rotations[key] = int(away.min()) if away.numel() else columns
         return self._rotations[key]
 
 
