@@ -233,3 +233,23 @@ def test_top_k_selection_rule(select):
     expected = scores.sort(dim=-1, descending=True, stable=True).indices[:, :4]
     assert torch.equal(where.sort(-1).values, expected.sort(-1).values)
     torch.testing.assert_close(best, scores.gather(-1, where))
+
+
+@pytest.mark.parametrize("Tq", [1, 20])
+def test_alibi_band_path_with_a_cached_prefix(monkeypatch, Tq):
+    """A LambdaCache layout: starting-token columns, then a contiguous run of recent keys; the band path
+    starts after the starting tokens (c0 > 0)."""
+    g = torch.Generator().manual_seed(5)
+    G, L, H = 3, 16, 4
+    k_idx = torch.cat([torch.arange(G), torch.arange(50, 90)])[None]
+    q_idx = k_idx[:, -Tq:]
+    q, qg = torch.randn(1, H, Tq, 8, generator=g), torch.randn(1, H, Tq, 8, generator=g)
+    k, v = torch.randn(1, 2, k_idx.shape[1], 8, generator=g), torch.randn(1, 2, k_idx.shape[1], 8, generator=g)
+    args = (q, k, v, q_idx, k_idx, qg, k[:, :, :G], v[:, :, :G], k_idx[:, :G])
+    kw = dict(n_global=G, n_local=L, scaling=0.4, block_size=6, alibi=Alibi(torch.tensor([1.0, 0.5, 0.25, 0.1]), L))
+    calls = []
+    band = torch_chunked._band_path
+    monkeypatch.setattr(torch_chunked, "_band_path", lambda *a: calls.append(a[4]) or band(*a))
+    out = get_kernel("torch")(*args, **kw)
+    assert calls == [G]  # c0: the run after the starting tokens
+    torch.testing.assert_close(out, get_kernel("naive")(*args, **kw), atol=1e-5, rtol=1e-5)

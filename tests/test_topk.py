@@ -109,3 +109,62 @@ def test_cache_must_match_the_top_k_setting():
 def test_bad_top_k_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, **kwargs)
+
+
+def test_left_padded_batch_through_the_cache_equals_naive():
+    model = tiny_model("llama")
+    ids = _ids(10 * L, rows=3, seed=8)
+    mask = torch.ones_like(ids)
+    mask[1, :13], mask[2, :5] = 0, 0
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, backend="naive")
+    ref = _logits(model, ids, attention_mask=mask)
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K)
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        out = torch.cat(
+            [
+                model(input_ids=ids[:, s : s + 3], attention_mask=mask[:, : s + 3], cache=cache).logits
+                for s in range(0, ids.shape[1], 3)
+            ],
+            1,
+        )
+    assert cache.base > 0
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+def test_beam_search_runs_on_the_kept_middle():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, top_k=K)
+    prompt = _ids(3 * L, seed=9)
+    out = model.generate(prompt, max_new_tokens=3 * L, num_beams=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 6 * L)
+    with torch.no_grad():  # the beam's tokens are those the naive recomputation scores as the model did
+        cached = lminfinite.score(model, out, chunk_size=5)
+        lminfinite.enable(model, n_global=G, n_local=L, top_k=K, backend="naive")
+        naive = lminfinite.score(model, out, chunk_size=None)
+    torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
+
+
+def test_crop_rolls_back_decoded_tokens():
+    """With the middle kept nothing is dropped, so decoded tokens can be rolled back (assisted decoding
+    style); keys that had left the window and re-enter it move back to their window positions."""
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, top_k=K)
+    ids = _ids(4 * L, seed=10)
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        model(input_ids=ids[:, : 2 * L], cache=cache)
+        for t in range(2 * L, 3 * L):
+            model(input_ids=ids[:, t : t + 1], cache=cache)
+        cache.crop(-5)
+        out = torch.cat([model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(3 * L - 5, 4 * L)], 1)
+    lminfinite.enable(model, n_global=G, n_local=L, top_k=K, backend="naive")
+    ref = _logits(model, ids)[:, 3 * L - 5 :]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_crop_refuses_to_bring_the_starting_tokens_back_after_re_basing():
+    model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, top_k=K)
+    cache = lminfinite.prefill(model, _ids(6 * L, seed=11), chunk_size=L)
+    assert cache.base > 0
+    cache.crop(-L)  # fine: the window stays past the starting tokens
+    with pytest.raises(ValueError, match="starting tokens would re-enter"):
+        cache.crop(-(4 * L))

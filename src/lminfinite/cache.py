@@ -14,8 +14,9 @@ rotated back by the shift. Only keys inside the window move: each row's starting
 `base = 0` forever, and a key that leaves the window keeps the position it had, or, when the middle
 is kept (top-k), goes to position 0 at the next forward (the far-key branch re-rotates keys from
 their own small positions, known per column in `pos`), so no key is rotated more than a handful of
-times, and the positions given to RoPE stay below `2 * n_local + chunk
-length` for any stream.
+times, and the positions given to RoPE stay below `2 * n_local + chunk length` for any stream (plus
+the largest difference in real tokens between the rows of a left-padded batch: `base` follows the
+shortest row).
 """
 
 from __future__ import annotations
@@ -143,11 +144,13 @@ class LambdaCache(Cache):
         old_tok, old_pos, moving = self.tok.to(device), self.pos.to(device), self.moving.to(device)
         self.base += shift
         q_pos = (q_idx - self.base).clamp(min=0)
-        # Stored window keys move to the new base; starting keys stay. With the middle kept, a key that
-        # has left the window goes to position 0 once, where the far-key branch reads it unrotated.
-        delta = torch.where(moving, -shift, 0)
+        # Stored window keys go to `token index - base` (the new base); starting keys stay. With the middle
+        # kept, a key that has left the window goes to position 0 once, where the far-key branch reads it
+        # unrotated. `delta` is how far each stored key moves.
+        target = torch.where(moving, old_tok - self.base, old_pos)
         if self.keep_middle and any(r is not None for r in layer_ropes.values()):
-            delta = torch.where(~moving & (old_tok >= G), -old_pos, delta)
+            target = torch.where(~moving & (old_tok >= G), 0, target)
+        delta = target - old_pos
 
         full_tok = torch.cat([old_tok, q_idx], dim=1)
         full_pos = torch.cat([old_pos + delta, q_pos], dim=1)
@@ -165,10 +168,8 @@ class LambdaCache(Cache):
         self.seen = new_seen
         self._columns += Tq
 
-        moved = (0, 0)
-        if shift or self.keep_middle:
-            cols = (delta != 0).any(0).nonzero()
-            moved = (int(cols.min()), int(cols.max()) + 1) if cols.numel() else (0, 0)
+        cols = (delta != 0).any(0).nonzero()
+        moved = (int(cols.min()), int(cols.max()) + 1) if cols.numel() else (0, 0)
 
         def move_cos_sin(layer_rope, dev):
             return layer_rope.cos_sin(delta[:, moved[0] : moved[1]].to(dev))
@@ -247,11 +248,16 @@ class LambdaCache(Cache):
                 "LambdaCache has dropped the middle of the stream and cannot roll back past its window "
                 "(a rollback is only possible while the stream is shorter than n_global + n_local)"
             )
-        # The columns that re-enter the window must sit where the window's keys sit (token index - base).
+        # Keys that re-enter the window move back to `token index - base` at the next forward (they are
+        # marked as window keys below); starting tokens never move, so after a re-basing they must not
+        # re-enter it.
         lo = max(0, keep - (self.n_local - 1))
-        tok, pos = self.tok[:, lo:keep], self.pos[:, lo:keep]
-        if bool(((tok >= self.n_global) & (pos != tok - self.base)).any()):
-            raise ValueError("LambdaCache cannot roll back this far: its positions were re-based since")
+        tok = self.tok[:, lo:keep]
+        if self.base > 0 and bool(((tok >= 0) & (tok < self.n_global)).any()):
+            raise ValueError(
+                "LambdaCache cannot roll back this far: the starting tokens would re-enter the window after "
+                "its positions were re-based"
+            )
         for layer in self.layers:
             if layer.keys is not None:
                 layer.keys, layer.values = layer.keys[..., :keep, :], layer.values[..., :keep, :]
