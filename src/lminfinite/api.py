@@ -47,10 +47,6 @@ UNSUPPORTED_TYPES = {
     "cohere2": "its full-attention layers have no RoPE while sharing the rotary module (not yet told apart)",
 }
 
-# Architectures with ALiBi biases, which they compute themselves outside transformers' AttentionInterface;
-# those in `alibi.FAMILIES` (MPT, Bloom) are routed to the Λ kernels by a narrow hook.
-ALIBI_TYPES = {"bloom", "mpt"}
-
 
 def _decoder(model: nn.Module) -> nn.Module:
     """The module that owns the decoder layers (e.g. `LlamaModel` inside `LlamaForCausalLM`)."""
@@ -66,7 +62,7 @@ def _uses_alibi(config) -> bool:
     """Whether a config declares ALiBi (Bloom, MPT's `attn_config.alibi`, Falcon's `alibi`)."""
     attn_config = getattr(config, "attn_config", None)
     return (
-        getattr(config, "model_type", None) in ALIBI_TYPES
+        getattr(config, "model_type", None) in alibi.FAMILIES  # MPT, Bloom: routed by a narrow hook
         or bool(getattr(config, "alibi", False))
         or bool(getattr(attn_config, "alibi", False))
     )

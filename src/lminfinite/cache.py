@@ -28,6 +28,14 @@ from .positions import Rope
 from .rule import token_indices
 
 
+def _last_columns(n: int, count: int, device) -> torch.Tensor:
+    """(n,) bool: the last `count` of `n` columns (the window: the keys the next query sees locally)."""
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    if count > 0:
+        mask[max(0, n - count) :] = True
+    return mask
+
+
 class LambdaLayer(DynamicLayer):
     """One layer of a LambdaCache: stores the columns the shared layout keeps."""
 
@@ -91,7 +99,6 @@ class LambdaCache(Cache):
         self.owner: int | None = None  # id of the model state that filled it
         self.tok: torch.Tensor | None = None  # (batch, stored columns) token index, -1 = padding
         self.pos: torch.Tensor | None = None  # (batch, stored columns) RoPE position each stored key is at
-        self.moving: torch.Tensor | None = None  # (batch, stored columns) keys that follow the base (window)
         self.seen: torch.Tensor | None = None  # (batch,) real tokens seen per row
         self.base = 0  # positions given to RoPE are token index - base (window) or token index (sinks)
         self._columns = 0  # columns seen (padding included), what generate() slices by
@@ -127,7 +134,6 @@ class LambdaCache(Cache):
             )
         if self.tok is None:
             self.tok = self.pos = torch.empty(B, 0, dtype=torch.long, device=device)
-            self.moving = torch.empty(B, 0, dtype=torch.bool, device=device)
             self.seen = torch.zeros(B, dtype=torch.long, device=device)
         elif self.tok.shape[0] != B:
             raise ValueError(f"this LambdaCache holds a batch of {self.tok.shape[0]} rows, the input has {B}")
@@ -141,7 +147,8 @@ class LambdaCache(Cache):
             far_enough = int(seen.min()) >= G + L - 1
             if far_enough and int(new_seen.max()) - 1 - self.base > self.position_bound:
                 shift = max(0, int(seen.min()) - L - self.base)
-        old_tok, old_pos, moving = self.tok.to(device), self.pos.to(device), self.moving.to(device)
+        old_tok, old_pos = self.tok.to(device), self.pos.to(device)
+        moving = (old_tok >= G) & _last_columns(old_tok.shape[1], L - 1, device)  # the stored window's keys
         self.base += shift
         q_pos = (q_idx - self.base).clamp(min=0)
         # Stored window keys go to `token index - base` (the new base); starting keys stay. With the middle
@@ -155,16 +162,12 @@ class LambdaCache(Cache):
         full_tok = torch.cat([old_tok, q_idx], dim=1)
         full_pos = torch.cat([old_pos + delta, q_pos], dim=1)
         total = full_tok.shape[1]
-        window = torch.zeros(total, dtype=torch.bool, device=device)
-        if L > 1:
-            window[max(0, total - (L - 1)) :] = True
-        keep_mask = window | ((full_tok >= 0) & (full_tok < G)).any(0)
+        keep_mask = _last_columns(total, L - 1, device) | ((full_tok >= 0) & (full_tok < G)).any(0)
         keep = None if self.keep_middle or bool(keep_mask.all()) else keep_mask.nonzero().squeeze(1)
-        full_moving = (full_tok >= G) & window
         if keep is None:
-            self.tok, self.pos, self.moving = full_tok, full_pos, full_moving
+            self.tok, self.pos = full_tok, full_pos
         else:
-            self.tok, self.pos, self.moving = (t.index_select(1, keep) for t in (full_tok, full_pos, full_moving))
+            self.tok, self.pos = full_tok.index_select(1, keep), full_pos.index_select(1, keep)
         self.seen = new_seen
         self._columns += Tq
 
@@ -212,7 +215,7 @@ class LambdaCache(Cache):
     # Batch bookkeeping: the shared layout follows the layers.
     def _rows(self, fn) -> None:
         if self.tok is not None:
-            self.tok, self.pos, self.moving, self.seen = (fn(t) for t in (self.tok, self.pos, self.moving, self.seen))
+            self.tok, self.pos, self.seen = (fn(t) for t in (self.tok, self.pos, self.seen))
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -228,7 +231,7 @@ class LambdaCache(Cache):
 
     def reset(self):
         super().reset()
-        self.tok = self.pos = self.moving = self.seen = self._plan = None
+        self.tok = self.pos = self.seen = self._plan = None
         self.base = self._columns = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -248,9 +251,9 @@ class LambdaCache(Cache):
                 "LambdaCache has dropped the middle of the stream and cannot roll back past its window "
                 "(a rollback is only possible while the stream is shorter than n_global + n_local)"
             )
-        # Keys that re-enter the window move back to `token index - base` at the next forward (they are
-        # marked as window keys below); starting tokens never move, so after a re-basing they must not
-        # re-enter it.
+        # Keys that re-enter the window move back to `token index - base` at the next forward (the stored
+        # window is always the last n_local - 1 columns); starting tokens never move, so after a re-basing
+        # they must not re-enter it.
         lo = max(0, keep - (self.n_local - 1))
         tok = self.tok[:, lo:keep]
         if self.base > 0 and bool(((tok >= 0) & (tok < self.n_global)).any()):
@@ -261,8 +264,7 @@ class LambdaCache(Cache):
         for layer in self.layers:
             if layer.keys is not None:
                 layer.keys, layer.values = layer.keys[..., :keep, :], layer.values[..., :keep, :]
-        self.tok, self.pos, self.moving = self.tok[:, :keep], self.pos[:, :keep], self.moving[:, :keep].clone()
-        self.moving[:, lo:keep] = tok >= self.n_global
+        self.tok, self.pos = self.tok[:, :keep], self.pos[:, :keep]
         self.seen = (self.tok >= 0).sum(1)
         self._columns = keep
 

@@ -37,7 +37,7 @@ class Middle:
     top_k: int
 
 
-def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=None, bias=None):
+def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=None, alibi=None):
     """For queries `qg` (batch, heads, n, d) at distance D: the logits of their top-k middle keys
     (batch, heads, n, k), -inf where a query has fewer middle keys, and those keys' values
     (batch, heads, n, k, dv)."""
@@ -52,8 +52,8 @@ def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=N
         scores = (qg[:, :, s:e].reshape(B, Hkv, rep * (e - s), -1).float() @ kt).view(B, H, e - s, M) * scaling
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        if bias is not None:
-            scores = scores + bias
+        if alibi is not None:
+            scores = scores + alibi.far_bias(q_idx[:, None, s:e, None], middle.idx[:, None, None, :], (1, H))
         allowed = middle_rule(q_idx[:, s:e, None], middle.idx[:, None, :], n_global, n_local)
         best, where = _top_k(scores.masked_fill(~allowed[:, None], float("-inf")), k)
         # Values of the chosen columns, gathered per kv head: (B, Hkv, rep * n * k) column indices.

@@ -136,10 +136,9 @@ def global_piece(far: Far, s, e, q_idx_b, n_global, n_local, scaling, rep):
         scores = scores + bias
     allowed = global_rule(q_idx_b[:, :, None], far.g_idx[:, None, :], n_global, n_local)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    if far.middle is not None:  # (top-k needs sink_positions="zero": one bias for every middle key)
-        bias = far.bias(qi, far.middle.idx[:, None, None, :1], (1, H))
+    if far.middle is not None:
         top_scores, top_values = topk.select(
-            qg_b, far.middle, q_idx_b, n_global, n_local, scaling, rep, far.softcap, bias
+            qg_b, far.middle, q_idx_b, n_global, n_local, scaling, rep, far.softcap, far.alibi
         )
         scores = torch.cat([scores, top_scores], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
