@@ -14,7 +14,7 @@ import torch
 from common import parse_args, peak_rss_mb, reset_peak_rss, run_point, save, timed
 
 import lminfinite
-from lminfinite.assets import asset, read_text
+from lminfinite.models.assets import asset, read_text
 
 
 def _tokens(tok, corpus: str, n: int) -> torch.Tensor:

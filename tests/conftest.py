@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from lminfinite.assets import asset
+from lminfinite.models.assets import asset
 
 
 def tiny_config(family: str, **overrides):
@@ -66,6 +66,6 @@ def stories_path():
 
 @pytest.fixture(scope="session")
 def stories(stories_path):
-    from lminfinite.llama2c import load_llama2c
+    from lminfinite.models.llama2c import load_llama2c
 
     return load_llama2c(stories_path)

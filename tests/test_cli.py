@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from lminfinite import cli
-from lminfinite.assets import asset
+from lminfinite.models.assets import asset
 
 CORPORA = asset("corpora")
 TINY = str(CORPORA / "tinystories_train_head.txt")

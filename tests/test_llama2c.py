@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import LlamaTokenizer, TextIteratorStreamer
 
-from lminfinite.assets import asset, read_text
-from lminfinite.llama2c import Llama2cTokenizer, load_llama2c, load_tokenizer
+from lminfinite.models.assets import asset, read_text
+from lminfinite.models.llama2c import Llama2cTokenizer, load_llama2c, load_tokenizer
 
 STORIES = asset("models", "stories260K", "stories260K.bin")
 AIDREAMS = asset("models", "aidreams260K", "aidreams260K.bin")

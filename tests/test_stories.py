@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import lminfinite
-from lminfinite.assets import asset, read_text
+from lminfinite.models.assets import asset, read_text
 
 
 def _windows(tok, n_windows=4, length=4096):

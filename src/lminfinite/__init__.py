@@ -20,13 +20,19 @@ __all__ = [
     "prefill",
     "score",
     "stream",
+    "load_model",
     "load_llama2c",
 ]
 __version__ = "0.1.0"
 
+# Loaders are tools (lminfinite.models), not part of the method: they are imported on first use only, so
+# `import lminfinite` loads no loader, evaluation, CLI or server code.
+_TOOLS = {"load_model": "lminfinite.models", "load_llama2c": "lminfinite.models.llama2c"}
 
-def load_llama2c(*args, **kwargs):
-    """Load a llama2.c checkpoint as a `LlamaForCausalLM` and its tokenizer (see `lminfinite.llama2c`)."""
-    from .llama2c import load_llama2c as _load
 
-    return _load(*args, **kwargs)
+def __getattr__(name: str):
+    if name in _TOOLS:
+        import importlib
+
+        return getattr(importlib.import_module(_TOOLS[name]), name)
+    raise AttributeError(f"module 'lminfinite' has no attribute {name!r}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..assets import read_text
+from ..models.assets import read_text
 
 _SNIFF = 8192  # bytes looked at to tell text from binary
 

@@ -61,7 +61,7 @@ def int_list(text: str) -> list[int]:
 
 
 def methods_arg(text: str) -> list[str]:
-    from .eval.methods import parse_methods
+    from ..eval.methods import parse_methods
 
     try:
         return parse_methods(text)
@@ -184,22 +184,32 @@ EXAMPLES = {
 }
 
 
+# Commands that live in a module of their own in this package (added by `add_command(sub, model_options)`,
+# imported only when present and only for parsing: each imports its heavy parts inside its run function).
+COMMAND_MODULES = ("chat", "serve", "lm_eval")
+
+
+def new_command(sub, name: str, help: str, description: str, epilog: str, parents, func) -> Parser:
+    """Add subcommand `name` to `sub` with the shared formatting; `func(args) -> exit code` runs it."""
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        parents=parents,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="LM-Infinite: evaluate and run LLMs far past their pretraining length.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model = _model_options()
 
     def command(name: str, help: str, parents, func):
-        p = sub.add_parser(
-            name,
-            help=help,
-            description=DESCRIPTIONS[name],
-            parents=parents,
-            epilog=EXAMPLES[name],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.set_defaults(func=func)
-        return p
+        return new_command(sub, name, help, DESCRIPTIONS[name], EXAMPLES[name], parents, func)
 
     p = command("ppl", "NLL by token position, per method (the paper's Figure 1)", [model, _output_options()], run_ppl)
     _data_options(p, several=True)
@@ -245,6 +255,10 @@ def build_parser() -> Parser:
 
     p = command("bench", "run the benchmarks and print their table", [], run_bench)
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmarks")
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            importlib.import_module(f"{__name__}.{name}").add_command(sub, model)
     return parser
 
 
@@ -255,8 +269,8 @@ def _setup(args):
     """Seed, load the model, resolve n_local; returns (model, tokenizer, pretraining length)."""
     import torch
 
-    from .config import pretraining_length
-    from .models import load_model
+    from ..config import pretraining_length
+    from ..models import load_model
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -272,8 +286,8 @@ def _progress(args) -> bool | None:
 
 def _texts(args, n_tokens: int) -> list[tuple[str, str]]:
     """[(name, text)] from --data files, --dataset, or the command's default asset."""
-    from .assets import asset
-    from .eval.texts import dataset_text, read_text_file
+    from ..models.assets import asset
+    from ..eval.texts import dataset_text, read_text_file
 
     if args.data and args.dataset:
         raise CliError("give --data or --dataset, not both")
@@ -296,7 +310,7 @@ def _payload(args, data, config: dict, results: list[dict], seconds: float) -> d
 
 
 def _finish(args, payload: dict, plot, title: str, train_len: int) -> None:
-    from .eval.report import write_json
+    from ..eval.report import write_json
 
     if args.out:
         _say(f"wrote {write_json(args.out, payload)}")
@@ -311,7 +325,7 @@ def _check_lengths(args, lengths: list[int], what: str) -> None:
 
 def _check_methods(args) -> None:
     """Fail before a long run rather than at its last method."""
-    from .eval.methods import check_window
+    from ..eval.methods import check_window
 
     for method in args.methods:
         check_window(method, args.n_global, args.n_local)
@@ -321,10 +335,10 @@ def run_ppl(args) -> int:
     """ppl and demo: NLL by position, printed as a table; JSON and plot on request."""
     import torch
 
-    from .eval import perplexity
-    from .eval.plots import plot_nll
-    from .eval.report import nll_table
-    from .eval.texts import windows
+    from ..eval import perplexity
+    from ..eval.plots import plot_nll
+    from ..eval.report import nll_table
+    from ..eval.texts import windows
 
     texts = _texts(args, args.windows * args.max_length)
     model, tokenizer, train_len = _setup(args)
@@ -347,9 +361,9 @@ def run_ppl(args) -> int:
 
 
 def run_passkey(args) -> int:
-    from .eval import passkey
-    from .eval.plots import plot_passkey
-    from .eval.report import passkey_table
+    from ..eval import passkey
+    from ..eval.plots import plot_passkey
+    from ..eval.report import passkey_table
 
     model, tokenizer, train_len = _setup(args)
     _check_lengths(args, args.lengths, "passkey length")
@@ -378,10 +392,10 @@ def run_passkey(args) -> int:
 
 
 def run_gen_eval(args) -> int:
-    from .eval import generation
-    from .eval.plots import plot_generation
-    from .eval.report import generation_table
-    from .eval.texts import encode_prefix
+    from ..eval import generation
+    from ..eval.plots import plot_generation
+    from ..eval.report import generation_table
+    from ..eval.texts import encode_prefix
 
     generation.scorers()  # fail early when sacrebleu / rouge-score are missing
     need = args.samples * (max(args.positions) + args.new_tokens)
@@ -412,9 +426,9 @@ def run_gen_eval(args) -> int:
 
 
 def run_generate(args) -> int:
-    from .eval.methods import CACHED, applied, base, check_window, greedy
-    from .eval.texts import read_text_file
-    from .streaming import stream
+    from ..eval.methods import CACHED, applied, base, check_window, greedy
+    from ..eval.texts import read_text_file
+    from ..streaming import stream
 
     prompt = read_text_file(args.prompt_file) if args.prompt_file else args.prompt
     method = args.method
@@ -456,7 +470,7 @@ def _emit(pieces, live: bool) -> None:
 def run_bench(args) -> int:
     """Thin wrapper: `lminfinite.bench.main(argv)` if installed, else `benchmarks/run_all.py` if present."""
     if importlib.util.find_spec("lminfinite.bench") is not None:
-        from . import bench
+        from .. import bench
 
         return int(bench.main(args.args) or 0)
     script = bench_script()
@@ -468,7 +482,7 @@ def run_bench(args) -> int:
 
 def bench_script() -> Path | None:
     """`benchmarks/run_all.py` in the current folder or in the source checkout, if there is one."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
         script = root / "benchmarks" / "run_all.py"
         if script.is_file():
             return script
@@ -503,7 +517,3 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{type(e).__name__}: {message} (LMINFINITE_DEBUG=1 shows the traceback)"
         _say(f"{PROG}: error: {message}")
         return 2 if isinstance(e, BAD_INPUT) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

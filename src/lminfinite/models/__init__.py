@@ -73,7 +73,7 @@ def stories260k_path() -> Path:
 
 
 def _load_llama2c(path: Path, dtype: torch.dtype):
-    from . import load_llama2c
+    from .llama2c import load_llama2c
 
     if path.suffix != ".bin":
         raise ValueError(
