@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import lminfinite
-from lminfinite.models.assets import asset
 from lminfinite.eval import generation, passkey, perplexity, plots, report, texts
 from lminfinite.eval.methods import applied, greedy, parse_methods, top_k_setting
 from lminfinite.models import load_model
+from lminfinite.models.assets import asset
 
 
 @pytest.fixture(scope="module")

@@ -286,8 +286,8 @@ def _progress(args) -> bool | None:
 
 def _texts(args, n_tokens: int) -> list[tuple[str, str]]:
     """[(name, text)] from --data files, --dataset, or the command's default asset."""
-    from ..models.assets import asset
     from ..eval.texts import dataset_text, read_text_file
+    from ..models.assets import asset
 
     if args.data and args.dataset:
         raise CliError("give --data or --dataset, not both")
