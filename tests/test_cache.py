@@ -11,7 +11,7 @@ from conftest import tiny_model
 from transformers import DynamicCache, TextIteratorStreamer
 
 import lminfinite
-from lminfinite import LambdaCache
+from lminfinite import LambdaCache, LambdaConfig
 
 G, L = 3, 16
 
@@ -162,11 +162,11 @@ def test_score_matches_full_forward_and_marks_padding():
 
 def test_errors_and_empty_inputs():
     model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
-    other = LambdaCache(G + 1, L, 2)
+    other = LambdaCache(LambdaConfig(n_global=G + 1, n_local=L), 2)
     with pytest.raises(ValueError, match="n_global"):
         model(input_ids=torch.ones(1, 3, dtype=torch.long), cache=other)
     with pytest.raises(ValueError, match="layers"):
-        model(input_ids=torch.ones(1, 3, dtype=torch.long), cache=LambdaCache(G, L, 5))
+        model(input_ids=torch.ones(1, 3, dtype=torch.long), cache=LambdaCache(LambdaConfig(n_global=G, n_local=L), 5))
     with pytest.raises(ValueError, match="chunk_size"):
         lminfinite.score(model, torch.ones(1, 10, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="chunk_size"):

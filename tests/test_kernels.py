@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lminfinite.context import candidate_columns
 from lminfinite.kernels import get_kernel, topk, torch_chunked
 from lminfinite.kernels.topk import Middle
+from lminfinite.plan import candidate_columns
 from lminfinite.positions import Alibi
 
 # "torch" takes its fused band path where it can; "torch-masked" forces its masked path.

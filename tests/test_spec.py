@@ -17,7 +17,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lminfinite.attention import lambda_attention_forward
 from lminfinite.config import LambdaConfig
-from lminfinite.context import ForwardContext, LambdaState, candidate_columns, middle_columns
+from lminfinite.context import LambdaState
+from lminfinite.plan import build_plan
 from lminfinite.positions import Alibi, Rope
 
 
@@ -76,11 +77,8 @@ def spec_attention(q_raw, k_raw, v, G, L, D, rotary=None, slopes=None, top_k=0, 
 def _call(q, k, v, cfg, rope=None, alibi=None):
     """lambda_attention_forward on one unpadded sequence, as a model's layer 0 would call it."""
     state = LambdaState(config=cfg, num_layers=1, previous_attn="sdpa", layer_ropes={0: rope}, alibi=alibi)
-    idx = torch.arange(q.shape[2])[None]
-    n_mid = middle_columns(idx, idx, cfg.n_global, cfg.n_local) if cfg.top_k else 0
-    state.ctx = ForwardContext(
-        q_idx=idx, q_pos=idx, k_idx=idx, n_candidates=candidate_columns(idx, cfg.n_global), n_middle=n_mid
-    )
+    valid = torch.ones(1, q.shape[2], dtype=torch.bool)
+    state.plan = build_plan(cfg.n_global, cfg.n_local, cfg.top_k, state.layer_ropes, valid)
     module = torch.nn.Module()
     module.layer_idx = 0
     module._lminfinite = state

@@ -14,7 +14,7 @@ import transformers
 from conftest import assert_greedy_equals_naive_recomputation, tiny_model
 
 import lminfinite
-from lminfinite import LambdaCache
+from lminfinite import LambdaCache, LambdaConfig
 
 G, L, K = 2, 8, 3
 
@@ -92,10 +92,10 @@ def test_layers_before_top_k_from_layer_are_plain_lambda():
 def test_cache_must_match_the_top_k_setting():
     model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L, top_k=K)
     with pytest.raises(ValueError, match="keeps the middle"):
-        model(input_ids=_ids(4), cache=LambdaCache(G, L, 2))
+        model(input_ids=_ids(4), cache=LambdaCache(LambdaConfig(n_global=G, n_local=L), 2))
     lminfinite.enable(model, n_global=G, n_local=L)
     with pytest.raises(ValueError, match="enabled without top_k"):
-        model(input_ids=_ids(4), cache=LambdaCache(G, L, 2, keep_middle=True))
+        model(input_ids=_ids(4), cache=LambdaCache(LambdaConfig(n_global=G, n_local=L, top_k=1), 2))
 
 
 @pytest.mark.parametrize(

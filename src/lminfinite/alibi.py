@@ -21,9 +21,9 @@ from .context import CTX_KWARG
 
 
 def _context(attention_mask) -> dict:
-    """The forward's context, carried by the placeholder mask (see `attention.alibi_mask`)."""
-    ctx = getattr(attention_mask, CTX_KWARG, None)
-    return {} if ctx is None else {CTX_KWARG: ctx}
+    """The forward's plan, carried by the placeholder mask (see `attention.alibi_mask`)."""
+    plan = getattr(attention_mask, CTX_KWARG, None)
+    return {} if plan is None else {CTX_KWARG: plan}
 
 
 def _mpt_slopes(decoder: nn.Module) -> torch.Tensor:

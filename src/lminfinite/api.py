@@ -178,6 +178,8 @@ def enable(
         num_layers=text_config.num_hidden_layers,
         previous_attn=model.config._attn_implementation,
     )
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    state.vocab_size = getattr(embeddings, "num_embeddings", None)
     state.modules = _attention_modules(decoder)
     if not state.modules:
         raise ValueError(f"found no attention layers in {type(model).__name__}")

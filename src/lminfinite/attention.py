@@ -50,37 +50,37 @@ def lambda_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     state = getattr(module, "_lminfinite", None)
-    ctx = kwargs.get(CTX_KWARG) or (None if state is None else state.ctx)
-    if ctx is None:
+    plan = kwargs.get(CTX_KWARG) or (None if state is None else state.plan)
+    if plan is None:
         raise RuntimeError(
             "lm_infinite attention was called outside a forward of a model enabled with lminfinite.enable(); "
             "set attn_implementation through enable(), not by hand"
         )
     cfg = state.config
-    if ctx.k_idx.shape[1] != key.shape[2]:
+    if plan.k_idx.shape[1] != key.shape[2]:
         raise RuntimeError(
             f"layer {getattr(module, 'layer_idx', '?')} got {key.shape[2]} keys but the context describes "
-            f"{ctx.k_idx.shape[1]}: the cache in use is not a LambdaCache"
+            f"{plan.k_idx.shape[1]}: the cache in use is not a LambdaCache"
         )
     device = query.device
-    q_idx, k_idx = ctx.q_idx.to(device), ctx.k_idx.to(device)
+    q_idx, k_idx = plan.q_idx.to(device), plan.k_idx.to(device)
     # Per layer: its own RoPE (None: ALiBi or a layer without RoPE) and its own sliding window.
-    rope = state.layer_ropes[module.layer_idx]
+    rope = plan.layer_ropes[module.layer_idx]
     alibi = state.alibi_on(device)
     n_local, has_global = layer_window(cfg.n_local, kwargs.get("sliding_window"))
-    S = ctx.n_candidates if has_global else 0
-    M = ctx.n_middle if has_global and cfg.uses_top_k(module.layer_idx) else 0
+    S = plan.n_candidates if has_global else 0
+    M = plan.n_middle if has_global and cfg.uses_top_k(module.layer_idx) else 0
     qg = kg = vg = g_idx = middle = None
     if S > 0 or M > 0:  # keys seen at distance D: starting tokens, and middle tokens for top-k
         qg, kg, km = query, key[:, :, :S], key[:, :, :M]
         if rope is not None:
             sinks = cfg.sink_positions == "own"
-            qg = rope.rotate(query, *ctx.query_rotation(rope, cfg.limit_distance, device, sinks))
+            qg = rope.rotate(query, *plan.query_rotation(rope, cfg.limit_distance, device, sinks))
             if not sinks:  # far keys back to position 0; cached middle keys are there already
-                kg = rope.rotate(kg, *ctx.key_rotation(rope, 0, S, device))
-                z = ctx.middle_at_zero(M, cfg.n_global)
+                kg = rope.rotate(kg, *plan.key_rotation(rope, 0, S, device))
+                z = plan.middle_at_zero(M, cfg.n_global)
                 if z < M:
-                    moved = rope.rotate(key[:, :, z:M], *ctx.key_rotation(rope, z, M, device))
+                    moved = rope.rotate(key[:, :, z:M], *plan.key_rotation(rope, z, M, device))
                     km = torch.cat([key[:, :, :z], moved], dim=2)
         vg, g_idx = value[:, :, :S], k_idx[:, :S]
         if M > 0:
@@ -116,7 +116,7 @@ def alibi_mask(*args, config=None, **kwargs) -> torch.Tensor:
     """Mask function for ALiBi models: an O(1) placeholder, carrying the current forward's context."""
     placeholder = torch.zeros((), dtype=torch.bool)
     state = ALIBI_STATES.get(id(config))
-    setattr(placeholder, CTX_KWARG, None if state is None else state.ctx)
+    setattr(placeholder, CTX_KWARG, None if state is None else state.plan)
     return placeholder
 
 

@@ -4,7 +4,8 @@ Each row keeps the key/value columns holding its first `n_global` real tokens an
 `n_local - 1` columns (what the next query can see); the middle is dropped, so memory is constant
 however long the stream. With `keep_middle` (the top-k extension) nothing is dropped, and memory
 grows with the stream. All layers share one column layout, decided once per forward in `begin()`:
-the token index and RoPE position of every column, which columns survive, and the re-basing.
+the token index and RoPE position of every column, which columns survive, and the re-basing; the
+layers read it from the forward's plan (`plan.ForwardPlan.cache_step`), set on the cache by `start()`.
 
 Bounded positions. Keys are stored rotated (RoPE) at model positions `p = t - base`, where `t`
 counts a row's real tokens and `base` is a shared offset. When the next position would pass
@@ -24,7 +25,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .positions import Rope
+from .config import LambdaConfig
+from .plan import CacheLayout, CacheStep, ForwardPlan
 from .rule import token_indices
 
 
@@ -49,19 +51,20 @@ class LambdaLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        plan = self.shared._plan
-        if plan is None:
+        plan = self.shared.plan
+        if plan is None or plan.cache_step is None:
             raise RuntimeError("LambdaCache.update called outside a forward of an lminfinite-enabled model")
+        step = plan.cache_step
         keys, values = self.keys, self.values
-        rope = plan["layer_ropes"][self.layer_idx]
-        a, b = plan["moved"]  # the stored columns whose position changes in this forward
+        rope = plan.layer_ropes[self.layer_idx]
+        a, b = step.moved  # the stored columns whose position changes in this forward
         if b > a and rope is not None:
-            moved = rope.rotate(keys[..., a:b, :], *plan["move_cos_sin"](rope, keys.device))
+            moved = rope.rotate(keys[..., a:b, :], *plan.move_rotation(rope, keys.device))
             full_k = torch.cat([keys[..., :a, :], moved, keys[..., b:, :], key_states], dim=-2)
         else:
             full_k = torch.cat([keys, key_states], dim=-2)
         full_v = torch.cat([values, value_states], dim=-2)
-        keep = plan["keep"]
+        keep = step.keep
         if keep is None:
             self.keys, self.values = full_k, full_v
         else:
@@ -92,9 +95,13 @@ class LambdaCache(Cache):
     `lminfinite.prefill`); build one yourself with `LambdaCache.for_model(model)`.
     """
 
-    def __init__(self, n_global: int, n_local: int, num_layers: int, keep_middle: bool = False):
-        self.n_global, self.n_local = int(n_global), int(n_local)
-        self.keep_middle = bool(keep_middle)
+    def __init__(self, config: LambdaConfig, num_layers: int):
+        if not isinstance(config, LambdaConfig):
+            raise TypeError(
+                f"LambdaCache(config, num_layers) takes a LambdaConfig, got {type(config).__name__}; "
+                "use LambdaCache.for_model(model) for an enabled model"
+            )
+        self.config = config  # what the cache keeps depends on n_global, n_local and whether top-k is on
         super().__init__(layers=[LambdaLayer(self, i) for i in range(num_layers)])
         self.owner: int | None = None  # id of the model state that filled it
         self.tok: torch.Tensor | None = None  # (batch, stored columns) token index, -1 = padding
@@ -102,7 +109,7 @@ class LambdaCache(Cache):
         self.seen: torch.Tensor | None = None  # (batch,) real tokens seen per row
         self.base = 0  # positions given to RoPE are token index - base (window) or token index (sinks)
         self._columns = 0  # columns seen (padding included), what generate() slices by
-        self._plan: dict | None = None
+        self.plan: ForwardPlan | None = None  # the plan of the forward in progress (set by the pre-hook)
 
     @classmethod
     def for_model(cls, model) -> LambdaCache:
@@ -110,24 +117,37 @@ class LambdaCache(Cache):
         state = getattr(model, "_lminfinite", None)
         if state is None:
             raise ValueError("call lminfinite.enable(model) before creating a LambdaCache for it")
-        cfg = state.config
-        return cls(cfg.n_global, cfg.n_local, state.num_layers, keep_middle=cfg.top_k > 0)
+        return cls(state.config, state.num_layers)
+
+    @property
+    def n_global(self) -> int:
+        return self.config.n_global
+
+    @property
+    def n_local(self) -> int:
+        return self.config.n_local
+
+    @property
+    def keep_middle(self) -> bool:
+        """Whether the middle of the stream is kept (the top-k extension): memory then grows with it."""
+        return self.config.top_k > 0
 
     @property
     def position_bound(self) -> int:
         return 2 * self.n_local
 
-    def begin(
-        self, valid: torch.Tensor, layer_ropes: dict[int, Rope | None]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Plan the layout for a forward of new columns with padding mask `valid` (batch, q_len).
+    def begin(self, valid: torch.Tensor, rotary: bool) -> CacheLayout:
+        """Decide the layout for a forward of new columns with padding mask `valid` (batch, q_len), and
+        update the cache's bookkeeping (token indices, positions, base) to what it holds after it.
 
-        Returns the new tokens' indices and RoPE positions, and the token indices and RoPE positions
-        of all key columns the layers will return (stored + new)."""
+        `rotary`: whether some layer applies RoPE (only then do positions re-base). Returns the new
+        tokens' indices and RoPE positions, the indices and positions of all key columns the layers will
+        return (stored + new), and the step every layer applies to its stored columns. The forward's
+        plan is then set on the cache (`start`) and cleared after the forward (`finish`)."""
         B, Tq = valid.shape
         device = valid.device
         G, L = self.n_global, self.n_local
-        if self._plan is not None:
+        if self.plan is not None:
             raise ValueError(
                 "a previous forward with this LambdaCache did not finish (interrupted?), so its layers are "
                 "out of step; make a new cache"
@@ -142,7 +162,7 @@ class LambdaCache(Cache):
         new_seen = seen + valid.long().sum(1)
 
         shift = 0
-        if any(r is not None for r in layer_ropes.values()) and B and Tq:
+        if rotary and B and Tq:
             # Every starting token must be out of every new query's window before re-basing.
             far_enough = int(seen.min()) >= G + L - 1
             if far_enough and int(new_seen.max()) - 1 - self.base > self.position_bound:
@@ -155,7 +175,7 @@ class LambdaCache(Cache):
         # kept, a key that has left the window goes to position 0 once, where the far-key branch reads it
         # unrotated. `delta` is how far each stored key moves.
         target = torch.where(moving, old_tok - self.base, old_pos)
-        if self.keep_middle and any(r is not None for r in layer_ropes.values()):
+        if self.keep_middle and rotary:
             target = torch.where(~moving & (old_tok >= G), 0, target)
         delta = target - old_pos
 
@@ -172,32 +192,26 @@ class LambdaCache(Cache):
         self._columns += Tq
 
         cols = (delta != 0).any(0).nonzero()
-        moved = (int(cols.min()), int(cols.max()) + 1) if cols.numel() else (0, 0)
+        a, b = (int(cols.min()), int(cols.max()) + 1) if cols.numel() else (0, 0)
+        step = CacheStep(moved=(a, b), delta=delta[:, a:b], keep=keep)
+        return CacheLayout(q_idx=q_idx, q_pos=q_pos, k_idx=full_tok, k_pos=full_pos, step=step)
 
-        def move_cos_sin(layer_rope, dev):
-            return layer_rope.cos_sin(delta[:, moved[0] : moved[1]].to(dev))
-
-        self._plan = {
-            "moved": moved,
-            "keep": keep,
-            "layer_ropes": layer_ropes,
-            "move_cos_sin": move_cos_sin,
-        }
-        return q_idx, q_pos, full_tok, full_pos
+    def start(self, plan: ForwardPlan) -> None:
+        """Set the plan of the forward planned by `begin()`: its layers read it in `update()`."""
+        self.plan = plan
 
     def finish(self) -> None:
         """Mark the forward planned by `begin()` as done (called after each forward)."""
-        self._plan = None
+        self.plan = None
 
-    def check_compatible(
-        self, n_global: int, n_local: int, num_layers: int, owner: int, keep_middle: bool = False
-    ) -> None:
+    def check_compatible(self, config: LambdaConfig, num_layers: int, owner: int) -> None:
         """Refuse a cache made for another model, another (G, L) or another top-k setting."""
-        if (self.n_global, self.n_local) != (n_global, n_local):
+        if (self.n_global, self.n_local) != (config.n_global, config.n_local):
             raise ValueError(
                 f"this LambdaCache was made for n_global={self.n_global}, n_local={self.n_local}; the model is "
-                f"enabled with n_global={n_global}, n_local={n_local}. Make a new cache."
+                f"enabled with n_global={config.n_global}, n_local={config.n_local}. Make a new cache."
             )
+        keep_middle = config.top_k > 0
         if self.keep_middle != keep_middle:
             raise ValueError(
                 "the model is enabled with top_k > 0, which needs a LambdaCache that keeps the middle "
@@ -231,7 +245,7 @@ class LambdaCache(Cache):
 
     def reset(self):
         super().reset()
-        self.tok = self.pos = self.seen = self._plan = None
+        self.tok = self.pos = self.seen = self.plan = None
         self.base = self._columns = 0
 
     def crop(self, tokens_to_remove: int) -> None:

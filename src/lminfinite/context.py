@@ -1,21 +1,23 @@
-"""Per-forward context: token indices, bounded positions and the cache, set before each forward.
+"""The decoder's forward pre-hook: normalise each forward's arguments, then build its plan.
 
 `enable()` puts a forward pre-hook on the model's decoder (the module that owns the layers and
-the rotary embedding). Before every forward it:
+the rotary embedding). Before every forward it does two things:
 
-1. reads the padding of the new tokens from the 2D `attention_mask` (left padding only);
-2. gives each token its index among its row's real tokens (the Λ rule works on these);
-3. replaces `position_ids` with the positions RoPE must use (bounded by the LambdaCache);
-4. swaps in a LambdaCache where transformers would build a DynamicCache;
-5. passes all this down with the forward's keyword arguments (`lminfinite_ctx`), which transformers
-   hands to every layer's attention function, so a layer re-run later (gradient checkpointing) or
-   another thread's forward sees its own context; `state.ctx` keeps the latest one as a fallback
-   for models that do not forward extra keyword arguments.
+1. `normalise_arguments`: one keyword dict (positional ids moved to keywords, the cache under the
+   decoder's own name), the ids checked, the padding of the new tokens read from the 2D
+   `attention_mask` (left padding only), and the cache chosen: the caller's LambdaCache, a new one
+   where transformers would build a DynamicCache, or a clear error for a cache that cannot be used;
+2. `plan.build_plan`: the forward's `ForwardPlan` (token indices, bounded positions, the cache's
+   step), which replaces `position_ids` and travels with the forward's keyword arguments
+   (`lminfinite_ctx`): transformers hands them to every layer's attention function, so a layer re-run
+   later (gradient checkpointing) or another thread's forward sees its own plan. `state.plan` keeps the
+   latest one as a fallback for models that do not forward extra keyword arguments.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,56 +26,15 @@ from transformers.cache_utils import Cache
 
 from .cache import LambdaCache
 from .config import LambdaConfig
-from .positions import Alibi, Rope
-from .rule import middle_rule, token_indices
+from .plan import ForwardPlan, build_plan
+from .positions import Alibi
 
 CTX_KWARG = "lminfinite_ctx"
 
-
-@dataclass
-class ForwardContext:
-    """What every layer's attention needs to know about the current forward."""
-
-    q_idx: torch.Tensor  # (batch, q_len) token index of each query, -1 = padding
-    q_pos: torch.Tensor  # (batch, q_len) RoPE position of each query
-    k_idx: torch.Tensor  # (batch, k_len) token index of each key column the layers see
-    n_candidates: int  # leading key columns that may hold starting tokens (0: no global branch)
-    k_pos: torch.Tensor | None = None  # (batch, k_len) RoPE position each key column is at (default: q_pos)
-    n_middle: int = 0  # leading key columns that may hold middle keys (top-k extension; 0 when off)
-    _rotations: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.k_pos is None:
-            self.k_pos = self.q_pos
-
-    def query_rotation(self, rope: Rope, limit_distance: int, device: torch.device, sinks: bool = False):
-        """(cos, sin) moving each query from its position to position D (the far keys' branch).
-
-        With `sinks` (StreamingLLM-style baseline) a query never moves past its own position: it
-        is placed at min(D, token index), so a cache that is not full yet keeps true distances."""
-        key = ("q", id(rope.rotary), rope.freq_attr, device)  # one entry per rotary embedding and device
-        if key not in self._rotations:
-            q_pos = self.q_pos.to(device)
-            target = self.q_idx.to(device).clamp(max=limit_distance) if sinks else limit_distance
-            self._rotations[key] = rope.cos_sin(target - q_pos)
-        return self._rotations[key]
-
-    def key_rotation(self, rope: Rope, start: int, stop: int, device: torch.device):
-        """(cos, sin) bringing key columns [start, stop) back to position 0."""
-        key = ("k", id(rope.rotary), rope.freq_attr, device, start, stop)
-        if key not in self._rotations:
-            self._rotations[key] = rope.cos_sin(-self.k_pos[:, start:stop].to(device))
-        return self._rotations[key]
-
-    def middle_at_zero(self, columns: int, n_global: int) -> int:
-        """How many leading key columns hold only middle-eligible keys already at position 0 (or keys
-        that are never middle keys: starting tokens, padding); up to `columns`. A LambdaCache that keeps
-        the middle stores keys that left the window at position 0, so these need no rotation."""
-        key = ("z", columns, n_global)
-        if key not in self._rotations:
-            away = ((self.k_pos[:, :columns] != 0) & (self.k_idx[:, :columns] >= n_global)).any(0).nonzero()
-            self._rotations[key] = int(away.min()) if away.numel() else columns
-        return self._rotations[key]
+USE_LAMBDA_CACHE = (
+    "pass cache=lminfinite.LambdaCache.for_model(model) (to continue from earlier tokens, fill it with "
+    "lminfinite.prefill(model, ids, cache=cache)), or pass no cache and let the model make one"
+)
 
 
 @dataclass
@@ -87,7 +48,8 @@ class LambdaState:
     modules: list = field(default_factory=list)
     layer_ropes: dict = field(default_factory=dict)  # layer_idx -> the Rope that layer applies (None: no RoPE)
     alibi: Alibi | None = None  # ALiBi models: the slopes (on the CPU) and D
-    ctx: ForwardContext | None = None
+    vocab_size: int | None = None  # rows of the input embedding: token ids must be below it
+    plan: ForwardPlan | None = None  # the latest forward's plan (fallback for models without **kwargs)
     _alibi_on: dict = field(default_factory=dict)
 
     def alibi_on(self, device: torch.device) -> Alibi | None:
@@ -98,21 +60,10 @@ class LambdaState:
             self._alibi_on[device] = replace(self.alibi, slopes=self.alibi.slopes.to(device))
         return self._alibi_on[device]
 
-
-def candidate_columns(k_idx: torch.Tensor, n_global: int) -> int:
-    """Number of leading key columns that hold some row's starting tokens (up to the last one)."""
-    if n_global == 0 or k_idx.numel() == 0:
-        return 0
-    cols = ((k_idx >= 0) & (k_idx < n_global)).any(0).nonzero()
-    return int(cols.max()) + 1 if cols.numel() else 0
-
-
-def middle_columns(q_idx: torch.Tensor, k_idx: torch.Tensor, n_global: int, n_local: int) -> int:
-    """Number of leading key columns that hold some query's middle keys (up to the last one)."""
-    if q_idx.numel() == 0 or k_idx.numel() == 0:
-        return 0
-    cols = middle_rule(q_idx.max(), k_idx, n_global, n_local).any(0).nonzero()
-    return int(cols.max()) + 1 if cols.numel() else 0
+    @property
+    def rotary(self) -> bool:
+        """Whether some layer applies RoPE."""
+        return any(rope is not None for rope in self.layer_ropes.values())
 
 
 def _padding(attention_mask, batch: int, q_len: int, device) -> torch.Tensor:
@@ -131,60 +82,105 @@ def _padding(attention_mask, batch: int, q_len: int, device) -> torch.Tensor:
     return mask[:, -q_len:]
 
 
+def _check_ids(input_ids: torch.Tensor, vocab_size: int | None) -> None:
+    """Token ids must be integers inside the vocabulary (else torch fails deep inside the embedding)."""
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got a tensor of {input_ids.dtype}")
+    if vocab_size is not None and input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the model's vocabulary (ids 0 .. {vocab_size - 1})")
+
+
+# Foreign caches this hook has replaced by a LambdaCache (see `_choose_cache`): one that comes back is refused.
+_REPLACED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _choose_cache(state: LambdaState, cache, use_cache: bool) -> LambdaCache | None:
+    """The LambdaCache of this forward (None: no cache), from what the caller passed.
+
+    A cache of another class cannot hold what Λ-attention keeps, and must not be silently replaced
+    by a fresh LambdaCache on each call (every forward would then see no context). It is refused,
+    except an empty one that is provably never read again: the DynamicCache `generate()` makes for
+    itself (it then continues with the cache the model returns). Such a cache is replaced once and
+    remembered: if it comes back (a caller reusing it), it is refused."""
+    if cache is None or isinstance(cache, LambdaCache):
+        return cache if cache is not None or not use_cache else LambdaCache(state.config, state.num_layers)
+    name = type(cache).__name__
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be a LambdaCache, got a {name}; {USE_LAMBDA_CACHE}")
+    if cache.get_seq_length() > 0:
+        raise ValueError(
+            f"a filled {name} was passed to an lminfinite-enabled model: its keys were computed without "
+            f"Λ-attention and it cannot hold what Λ-attention keeps; {USE_LAMBDA_CACHE}"
+        )
+    if getattr(cache, "_is_user_defined", False) or cache in _REPLACED:
+        raise ValueError(
+            f"a {name} was passed to an lminfinite-enabled model, which cannot fill it (it would stay empty "
+            f"and every call would start without context); {USE_LAMBDA_CACHE}"
+        )
+    _REPLACED.add(cache)
+    return LambdaCache(state.config, state.num_layers)
+
+
+def normalise_arguments(
+    state: LambdaState, module: nn.Module, cache_kw: str, args: tuple, kwargs: dict
+) -> tuple[dict, torch.Tensor, LambdaCache | None]:
+    """The forward's keyword arguments (ids as a keyword, the cache under `cache_kw`), the padding mask of
+    its new tokens (batch, q_len), and its LambdaCache (None: no cache)."""
+    kwargs = dict(kwargs)
+    if args:
+        if len(args) > 1:
+            raise TypeError("call the model with keyword arguments when lminfinite is enabled")
+        kwargs["input_ids"], args = args[0], ()
+    for alias in ("past_key_values", "cache"):
+        if alias != cache_kw and alias in kwargs:
+            kwargs[cache_kw] = kwargs.pop(alias)
+    x = kwargs.get("input_ids")
+    if x is not None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input_ids must be a tensor of token ids, got {type(x).__name__}")
+        _check_ids(x, state.vocab_size)
+    else:
+        x = kwargs.get("inputs_embeds")
+    if x is None or x.dim() < 2:
+        raise ValueError("lminfinite needs input_ids (batch, length) or inputs_embeds (batch, length, hidden)")
+    batch, q_len = x.shape[:2]
+    valid = _padding(kwargs.get("attention_mask"), batch, q_len, x.device)
+
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = bool(getattr(module.config, "use_cache", False)) and not module.training
+    cache = _choose_cache(state, kwargs.get(cache_kw), bool(use_cache))
+    if cache is not None:
+        cache.check_compatible(state.config, state.num_layers, id(module))
+        kwargs[cache_kw] = cache
+        kwargs["use_cache"] = True
+        mask = kwargs.get("attention_mask")
+        if cache._columns and mask is not None and mask.shape[1] < cache._columns + q_len:
+            raise ValueError(
+                f"the LambdaCache holds {cache._columns} tokens but the attention_mask covers "
+                f"{mask.shape[1]} for {q_len} new ones: pass generate() the full ids (the cache's tokens "
+                "followed by the new ones) and a mask over all of them"
+            )
+    return kwargs, valid, cache
+
+
 def make_pre_hook(state: LambdaState, decoder: nn.Module):
     params = inspect.signature(decoder.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
-    config = decoder.config
 
     def pre_hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        if args:
-            if len(args) > 1:
-                raise TypeError("call the model with keyword arguments when lminfinite is enabled")
-            kwargs["input_ids"], args = args[0], ()
-        for alias in ("past_key_values", "cache"):
-            if alias != cache_kw and alias in kwargs:
-                kwargs[cache_kw] = kwargs.pop(alias)
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        batch, q_len = x.shape[:2]
-        valid = _padding(kwargs.get("attention_mask"), batch, q_len, x.device)
-
-        cache = kwargs.get(cache_kw)
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = bool(getattr(config, "use_cache", False)) and not module.training
+        kwargs, valid, cache = normalise_arguments(state, module, cache_kw, args, kwargs)
         cfg = state.config
-        if cache is not None and not isinstance(cache, LambdaCache):
-            if not isinstance(cache, Cache) or cache.get_seq_length() > 0:
-                raise ValueError(
-                    f"a filled {type(cache).__name__} was passed to an lminfinite-enabled model; it needs a "
-                    "LambdaCache: create the cache after enable() (LambdaCache.for_model(model)) or let the "
-                    "model make one"
-                )
-            cache = None
-            use_cache = True
-        if cache is None and use_cache:
-            cache = LambdaCache(cfg.n_global, cfg.n_local, state.num_layers, keep_middle=cfg.top_k > 0)
+        layout = None if cache is None else cache.begin(valid, state.rotary)
+        plan = build_plan(cfg.n_global, cfg.n_local, cfg.top_k, state.layer_ropes, valid, layout)
         if cache is not None:
-            kwargs[cache_kw] = cache
-            kwargs["use_cache"] = True
-            cache.check_compatible(cfg.n_global, cfg.n_local, state.num_layers, id(module), cfg.top_k > 0)
-            q_idx, q_pos, k_idx, k_pos = cache.begin(valid, state.layer_ropes)
-        else:
-            q_idx = token_indices(valid)
-            q_pos = k_pos = q_idx.clamp(min=0)
-            k_idx = q_idx
-        kwargs["position_ids"] = q_pos
-        beyond = q_idx.numel() > 0 and int(q_idx.max()) >= cfg.n_local
-        n_cand = candidate_columns(k_idx, cfg.n_global) if beyond and cfg.n_global > 0 else 0
-        n_mid = middle_columns(q_idx, k_idx, cfg.n_global, cfg.n_local) if beyond and cfg.top_k > 0 else 0
-        state.ctx = ForwardContext(
-            q_idx=q_idx, q_pos=q_pos, k_idx=k_idx, n_candidates=n_cand, k_pos=k_pos, n_middle=n_mid
-        )
-        kwargs[CTX_KWARG] = state.ctx
-        return args, kwargs
+            cache.start(plan)
+        kwargs["position_ids"] = plan.q_pos
+        kwargs[CTX_KWARG] = state.plan = plan
+        return (), kwargs
 
     return pre_hook
 
