@@ -1,0 +1,111 @@
+"""The `lminfinite chat` command: an interactive chat in the terminal, one bounded cache per conversation.
+
+`add_command(sub, model_options)` adds it to the `lminfinite` parser (listed in COMMAND_MODULES).
+`run_chat()` builds a backend -- `local_backend()`: a `lminfinite.chat.Chat` on a loaded model -- and
+hands it to `lminfinite.chat.repl()`, which talks to any object with `send(text) -> Iterator[str]`,
+`reset()` and `stats()`, so a remote backend (a chat server's client) plugs in beside the local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from . import CliError, new_command, nonneg_int, positive_int
+
+DESCRIPTION = """Chat with a model in the terminal, for as long as you like: the conversation lives in one
+LM-Infinite cache (the first --n-global tokens and the last --n-local), so memory stays flat however long
+it gets. Each turn prefills only its new tokens. Answers stream as they are generated.
+
+In the chat: /reset forgets the conversation, /stats shows tokens seen and the cache's size, /exit (or
+Ctrl-D) quits; Ctrl-C stops the current answer and keeps the conversation. With input piped in (not a
+terminal), each line is one user message and each answer is printed on one line."""
+
+EXAMPLES = """examples:
+  lminfinite chat                                   # SmolLM2-135M-Instruct (the bundled GGUF, else the hub)
+  lminfinite chat --model smollm2 --n-local 1024 --system "You are a terse assistant."
+  lminfinite chat --model path/to/model.gguf --do-sample --temperature 0.7 --top-p 0.9
+  printf 'Hi!\\nWhat is 2+2?\\n/stats\\n' | lminfinite chat --max-new-tokens 64"""
+
+
+def temperature_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"temperature must be a finite number > 0, got {text}")
+    return value
+
+
+def top_p_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"top-p must be in (0, 1], got {text}")
+    return value
+
+
+def add_command(sub, model_options) -> None:
+    p = new_command(
+        sub, "chat", "chat with a model in the terminal (flat memory)", DESCRIPTION, EXAMPLES, [model_options], run_chat
+    )
+    p.set_defaults(model="smollm2")
+    g = p.add_argument_group("chat")
+    g.add_argument("--system", help="system message (models with a chat template)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=nonneg_int,
+        default=512,
+        help="longest answer in tokens; 0: until the end-of-turn token (default 512)",
+    )
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=temperature_arg, default=1.0, help="sampling temperature > 0 (default 1.0)")
+    g.add_argument("--top-p", type=top_p_arg, help="nucleus sampling: keep the smallest set of mass top-p, in (0, 1]")
+    g.add_argument(
+        "--sample-top-k",
+        type=positive_int,
+        metavar="K",
+        help="sample among the K most likely tokens (not LM-Infinite's top-k middle tokens)",
+    )
+
+
+def local_backend(args):
+    """A `Chat` on the model named by --model, with the command's settings."""
+    from ..chat import Chat
+    from . import _setup
+
+    model, tokenizer, _ = _setup(args)
+    if args.system and not getattr(tokenizer, "chat_template", None):
+        raise CliError(f"--system needs a chat model; {args.model} has no chat template")
+    return Chat(
+        model,
+        tokenizer,
+        n_global=args.n_global,
+        n_local=args.n_local,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens or None,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.sample_top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+    )
+
+
+def run_chat(args) -> int:
+    from ..chat import repl
+
+    if not args.do_sample and (args.top_p is not None or args.sample_top_k is not None or args.temperature != 1.0):
+        print("lminfinite: note: --temperature/--top-p/--sample-top-k apply with --do-sample only", file=sys.stderr)
+    backend = local_backend(args)
+    template = "chat template" if backend.templated else "no chat template: plain text continuation"
+    banner = (
+        f"{args.model}: G={backend.n_global} L={backend.n_local}, {template}. "
+        "/reset, /stats, /exit; Ctrl-C stops an answer."
+    )
+    return repl(backend, banner=banner)
