@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .methods import greedy
+from .errors import BadValue, MissingDependency
+from .methods import Method, get
 from .progress import progress_bar
 
 
@@ -22,7 +23,7 @@ def scorers():
         import sacrebleu
         from rouge_score import rouge_scorer
     except ImportError:
-        raise ImportError(
+        raise MissingDependency(
             "gen-eval needs sacrebleu and rouge-score: pip install 'lminfinite[eval]' "
             "(or: pip install sacrebleu rouge-score)"
         ) from None
@@ -41,7 +42,7 @@ def evaluate(
     model: nn.Module,
     tokenizer,
     ids: Sequence[int],
-    methods: Sequence[str],
+    methods: Sequence[str | Method],
     positions: Sequence[int],
     samples: int,
     n_global: int,
@@ -54,25 +55,28 @@ def evaluate(
     bleu, rouge_l = scorers()
     span = max(positions) + new_tokens
     if len(ids) < samples * span:
-        raise ValueError(
+        raise BadValue(
             f"the text has {len(ids)} tokens; {samples} samples cut at up to {max(positions)} tokens plus "
             f"{new_tokens} new tokens need {samples * span}"
         )
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    methods = [get(m) for m in methods]
     rows = []
     bar = progress_bar(len(methods) * len(positions) * samples, "gen-eval", "text", progress)
     for method in methods:
-        bar.set_postfix_str(method)
-        for position in positions:
-            scores = []
-            for k in range(samples):
-                segment = list(ids[k * span : (k + 1) * span])
-                new = greedy(model, bos + segment[:position], new_tokens, method, n_global, n_local, chunk_size)
-                hyp = tokenizer.decode(new, skip_special_tokens=True)
-                ref = tokenizer.decode(segment[position : position + new_tokens], skip_special_tokens=True)
-                scores.append((bleu(hyp, ref), rouge_l(hyp, ref)))
-                bar.update()
-            rows.append(_row(method, position, scores))
+        bar.set_postfix_str(method.name)
+        with method.applied(model, n_global, n_local):  # once per method, for all its prompts
+            for position in positions:
+                scores = []
+                for k in range(samples):
+                    segment = list(ids[k * span : (k + 1) * span])
+                    prompt = bos + segment[:position]
+                    new = list(method.tokens(model, prompt, new_tokens, n_local, chunk_size))
+                    hyp = tokenizer.decode(new, skip_special_tokens=True)
+                    ref = tokenizer.decode(segment[position : position + new_tokens], skip_special_tokens=True)
+                    scores.append((bleu(hyp, ref), rouge_l(hyp, ref)))
+                    bar.update()
+                rows.append(_row(method.name, position, scores))
     bar.close()
     return rows
 

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .methods import greedy
+from .errors import BadValue
+from .methods import Method, get
 from .progress import progress_bar
 
 TASK = (
@@ -46,7 +47,7 @@ def make_prompt(tokenizer, length: int, depth: float, key: int) -> list[int]:
         n -= 1
         ids = tokenizer.encode(build_prompt(n, depth, key))
     if len(ids) > length:
-        raise ValueError(f"passkey length {length} is too short for the task text ({len(ids)} tokens without filler)")
+        raise BadValue(f"passkey length {length} is too short for the task text ({len(ids)} tokens without filler)")
     return ids
 
 
@@ -62,7 +63,7 @@ def depth_bin(depth: float, n_bins: int) -> str:
 def evaluate(
     model: nn.Module,
     tokenizer,
-    methods: Sequence[str],
+    methods: Sequence[str | Method],
     lengths: Sequence[int],
     samples: int,
     n_global: int,
@@ -77,16 +78,18 @@ def evaluate(
     rng = random.Random(seed)
     trials = [(length, rng.randint(10000, 99999), rng.random()) for length in lengths for _ in range(samples)]
     prompts = [make_prompt(tokenizer, length, depth, key) for length, key, depth in trials]
+    methods = [get(m) for m in methods]
     rows = []
     bar = progress_bar(len(methods) * len(trials), "passkey", "prompt", progress)
     for method in methods:
-        bar.set_postfix_str(method)
+        bar.set_postfix_str(method.name)
         hits = []
-        for (length, key, depth), prompt in zip(trials, prompts, strict=True):
-            new = greedy(model, prompt, answer_tokens, method, n_global, n_local, chunk_size)
-            hits.append((length, depth_bin(depth, depth_bins), is_correct(tokenizer.decode(new), key)))
-            bar.update()
-        rows += _accuracy_rows(method, hits, lengths)
+        with method.applied(model, n_global, n_local):  # once per method, for all its prompts
+            for (length, key, depth), prompt in zip(trials, prompts, strict=True):
+                new = list(method.tokens(model, prompt, answer_tokens, n_local, chunk_size))
+                hits.append((length, depth_bin(depth, depth_bins), is_correct(tokenizer.decode(new), key)))
+                bar.update()
+        rows += _accuracy_rows(method.name, hits, lengths)
     bar.close()
     return rows
 

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..scoring import score
-from .methods import applied
+from ..streaming import NonFiniteError
+from .errors import BadValue
+from .methods import Method, get
 from .progress import progress_bar
 
 BucketSpec = str | int | Sequence[int]
@@ -31,11 +32,26 @@ def bucket_edges(spec: BucketSpec, n_positions: int) -> list[int]:
         return edges
     if isinstance(spec, int):
         if spec < 1:
-            raise ValueError(f"bucket width must be >= 1, got {spec}")
+            raise BadValue(f"bucket width must be >= 1, got {spec}")
         return list(range(0, n_positions + spec, spec))
     edges = [int(e) for e in spec]
     if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)) or edges[0] < 0:
-        raise ValueError(f"bucket edges must be >= 0 and strictly increasing, got {edges}")
+        raise BadValue(f"bucket edges must be >= 0 and strictly increasing, got {edges}")
+    return edges
+
+
+def check_buckets(spec: BucketSpec, n_positions: int) -> list[int]:
+    """The bucket edges for `n_positions` positions (0..n_positions-1); BadValue when a bucket holds no position
+    (it would be missing from the table and the plot without a word)."""
+    edges = bucket_edges(spec, n_positions)
+    empty = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if a >= n_positions]
+    if empty:
+        a, b = empty[0]
+        none = " (no bucket selects any)" if len(empty) == len(edges) - 1 else ""
+        raise BadValue(
+            f"bucket [{a}, {b}) selects no token{none}: windows of {n_positions + 1} tokens have positions "
+            f"0..{n_positions - 1}; lower the bucket edges or raise --max-length"
+        )
     return edges
 
 
@@ -82,13 +98,26 @@ def _window_nll(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, k
 
 
 def position_nll(
-    model: nn.Module, window: torch.Tensor, method: str, n_global: int, n_local: int, chunk_size: int = 4096
+    model: nn.Module, window: torch.Tensor, method: str | Method, n_global: int, n_local: int, chunk_size: int = 4096
 ) -> torch.Tensor:
-    """NLL (n - 1,) of one 1D window of ids under `method` (vanilla, lminfinite, sinks or truncate)."""
-    with applied(model, method, n_global, n_local):
-        if method == "truncate":
-            return truncate_nll(model, window, n_local)
-        return score(model, window[None], chunk_size=chunk_size)[0]
+    """NLL (n - 1,) of one 1D window of ids under `method` (switches the model for this one call)."""
+    method = get(method)
+    with method.applied(model, n_global, n_local):
+        return method.score(model, window, n_local, chunk_size)
+
+
+def check_nll(nll: torch.Tensor, method: str | Method, window: int = 0) -> None:
+    """NonFiniteError naming the method, the window and the first position whose NLL is NaN or infinite."""
+    bad = (~torch.isfinite(nll)).nonzero()
+    if bad.numel():
+        position = int(bad[0, -1])
+        raise NonFiniteError(
+            f"{method}: the NLL is not finite (NaN or inf) at position {position} of window {window} "
+            f"({bad.shape[0]} of {nll.numel()} positions); the model's logits cannot be used (check the "
+            "weights and the dtype: float16 overflows in some models)",
+            position,
+            str(method),
+        )
 
 
 def bucketize(method: str, nll: torch.Tensor, edges: Sequence[int]) -> list[dict]:
@@ -125,7 +154,7 @@ def _row(method: str, start: int, end: int, tokens: int, nll: float) -> dict:
 def evaluate(
     model: nn.Module,
     windows: torch.Tensor,
-    methods: Sequence[str],
+    methods: Sequence[str | Method],
     n_global: int,
     n_local: int,
     buckets: BucketSpec = "pow2",
@@ -134,19 +163,23 @@ def evaluate(
 ) -> list[dict]:
     """Bucketed NLL rows for every method over `windows` (K, N), one window per forward pass.
 
-    vanilla: the unmodified model via `lminfinite.score` (exact; its cache grows with N).
-    lminfinite / sinks: `lminfinite.score` on the enabled model (see `methods` for sinks).
-    truncate: `truncate_nll`. `progress=None` shows a bar on a terminal only.
+    Each method switches the model once and scores every window (`Method.score`): vanilla, lminfinite,
+    sinks and topk through `lminfinite.score` (vanilla exact, its cache growing with N), truncate with
+    `truncate_nll`. A NaN or infinite NLL raises NonFiniteError; a bucket past the windows' last position
+    raises BadValue. `progress=None` shows a bar on a terminal only.
     """
-    edges = bucket_edges(buckets, windows.shape[1] - 1)
+    edges = check_buckets(buckets, windows.shape[1] - 1)
+    methods = [get(m) for m in methods]
     rows = []
     bar = progress_bar(len(methods) * len(windows), "ppl", "window", progress)
     for method in methods:
+        bar.set_postfix_str(method.name)
         nll = []
-        for window in windows:
-            bar.set_postfix_str(method)
-            nll.append(position_nll(model, window, method, n_global, n_local, chunk_size))
-            bar.update()
-        rows += bucketize(method, torch.stack(nll), edges)
+        with method.applied(model, n_global, n_local):
+            for k, window in enumerate(windows):
+                nll.append(method.score(model, window, n_local, chunk_size))
+                check_nll(nll[-1], method, k)
+                bar.update()
+        rows += bucketize(method.name, torch.stack(nll), edges)
     bar.close()
     return rows

@@ -1,12 +1,50 @@
-"""PNG plots of the eval results (matplotlib, Agg backend: no display needed).
+"""PNG (or PDF, SVG, ...) plots of the eval results (matplotlib, Agg backend: no display needed).
 
 Every plot has one line per method, a log-2 x axis and a dashed line at the pretraining length.
+Methods that give the same numbers (inside the window they all do) must stay visible: each has its
+own marker, line style and marker size, open and filled markers alternating. The NLL plot's y range
+leaves out the first positions (little context, NLL far above the rest), saying so on the plot; a
+passkey plot where every answer was wrong says that the model cannot do the task.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+
+from .errors import BadValue, MissingDependency
+from .report import check_output_path, passkey_note
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+FIRST_POSITIONS = 16  # NLL buckets ending at or before this position do not set the y range
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependency("plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def check_plot_path(path: str | os.PathLike) -> Path:
+    """BadValue unless a plot can be saved at `path`: a known image extension and a writable place
+    (run before a long evaluation)."""
+    path = Path(path)
+    plt = _pyplot()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg(plt.Figure()).get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        what = f"unknown image extension .{suffix}" if suffix else "no image extension"
+        raise BadValue(f"plot {path}: {what}; use one of .{', .'.join(sorted(formats))}")
+    return check_output_path(path, "plot")
 
 
 def _series(rows: list[dict], x, y: str) -> dict[str, tuple[list, list]]:
@@ -19,15 +57,23 @@ def _series(rows: list[dict], x, y: str) -> dict[str, tuple[list, list]]:
     return out
 
 
-def _plot(series, path, title: str, xlabel: str, ylabel: str, pretraining_length: int | None, ylim=None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(
+    series, path, title: str, xlabel: str, ylabel: str, pretraining_length: int | None, ylim=None, note: str = ""
+) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for method, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=method)
+    for i, (method, (xs, ys)) in enumerate(series.items()):
+        ax.plot(
+            xs,
+            ys,
+            marker=MARKERS[i % len(MARKERS)],
+            linestyle=LINESTYLES[i % len(LINESTYLES)],
+            ms=max(3.0, 8.0 - 1.2 * i),
+            mfc="none" if i % 2 else None,
+            lw=1.4,
+            label=method,
+            zorder=3 + len(series) - i,  # earlier (larger) markers behind later ones
+        )
     if pretraining_length:
         ax.axvline(pretraining_length, color="gray", linestyle="--", label=f"pretraining length ({pretraining_length})")
     ax.set_xscale("log", base=2)
@@ -36,7 +82,20 @@ def _plot(series, path, title: str, xlabel: str, ylabel: str, pretraining_length
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    if note:
+        ax.text(
+            0.5,
+            0.5,
+            note,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            wrap=True,
+            fontsize=9,
+            bbox={"boxstyle": "round", "facecolor": "lightyellow", "edgecolor": "gray"},
+            zorder=10,
+        )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,19 +104,40 @@ def _plot(series, path, title: str, xlabel: str, ylabel: str, pretraining_length
     return path
 
 
+def _nll_range(rows: list[dict], y: str) -> tuple[tuple[float, float] | None, str]:
+    """The y range of the buckets past the first positions, and a note on the points it leaves out."""
+    later = [r[y] for r in rows if r["bucket_end"] > FIRST_POSITIONS and math.isfinite(r[y])]
+    first = [r[y] for r in rows if r["bucket_end"] <= FIRST_POSITIONS and math.isfinite(r[y])]
+    if not later or not first:
+        return None, ""
+    lo, hi = min(later), max(later)
+    pad = 0.08 * (hi - lo) or 0.1 * abs(hi) or 0.1
+    low, high = lo - pad, hi + pad
+    out = [v for v in first if not low <= v <= high]
+    if not out:
+        return None, ""
+    note = f"positions < {FIRST_POSITIONS} (little context; {y} {min(out):.3g}-{max(out):.3g}) are off the scale"
+    return (low, high), note
+
+
 def plot_nll(
     rows: list[dict], path: str | os.PathLike, title: str, pretraining_length: int | None = None, y: str = "nll"
 ) -> Path:
-    """NLL (or `y="ppl"`) against the centre of each position bucket."""
+    """NLL (or `y="ppl"`) against the centre of each position bucket; the first positions do not set the range."""
     series = _series(rows, lambda r: (r["bucket_start"] + r["bucket_end"]) / 2, y)
     ylabel = "perplexity" if y == "ppl" else "NLL (nats/token)"
-    return _plot(series, path, title, "token position (bucket centre)", ylabel, pretraining_length)
+    ylim, clipped = _nll_range(rows, y)
+    xlabel = "token position (bucket centre)" + (f"\n{clipped}" if clipped else "")
+    return _plot(series, path, title, xlabel, ylabel, pretraining_length, ylim)
 
 
 def plot_passkey(rows: list[dict], path: str | os.PathLike, title: str, pretraining_length: int | None = None) -> Path:
-    """Passkey accuracy over all depths against the prompt length."""
+    """Passkey accuracy over all depths against the prompt length (with `report.passkey_note` when all are 0)."""
     series = _series([r for r in rows if r["depth"] == "all"], "length", "accuracy")
-    return _plot(series, path, title, "prompt length (tokens)", "passkey accuracy", pretraining_length, (-0.05, 1.05))
+    note = passkey_note(rows, pretraining_length) or ""
+    return _plot(
+        series, path, title, "prompt length (tokens)", "passkey accuracy", pretraining_length, (-0.05, 1.05), note
+    )
 
 
 def plot_generation(

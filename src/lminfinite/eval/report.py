@@ -1,13 +1,37 @@
-"""Results out: the JSON file and the plain-text tables the CLI prints."""
+"""Results out: the JSON file (and checking where it goes before a run), the plain-text tables the CLI prints."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import BadValue
 from .perplexity import merge
+
+
+def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
+    """BadValue unless a file can be written at `path` (run before a long evaluation, so that its results
+    are not lost at the end): not a folder, its folder creatable, writable (tried with a temporary file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadValue(f"{what} {path} is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadValue(f"{what} {path}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if path.exists():
+            with open(path, "ab"):
+                pass
+    except OSError as e:
+        raise BadValue(f"{what} {path} cannot be written ({e.strerror or e} in {folder})") from None
+    return path
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
@@ -42,13 +66,33 @@ def nll_table(rows: list[dict], spans: Sequence[tuple[int, int]] = ()) -> str:
     return "NLL (nats/token) by token position\n" + _grid(["position", *methods], lines)
 
 
-def passkey_table(rows: list[dict]) -> str:
-    """Accuracy over all depths per length (rows) and method (columns)."""
+def passkey_table(rows: list[dict], pretraining_length: int | None = None) -> str:
+    """Accuracy over all depths per length (rows) and method (columns), and `passkey_note` when all are 0."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     acc = {(r["method"], r["length"]): r for r in rows if r["depth"] == "all"}
     lines = [[str(n), *(f"{acc[m, n]['accuracy']:.2f}" for m in methods)] for n in lengths]
-    return "passkey accuracy (all depths)\n" + _grid(["length", *methods], lines)
+    table = "passkey accuracy (all depths)\n" + _grid(["length", *methods], lines)
+    note = passkey_note(rows, pretraining_length)
+    return table + (f"\nnote: {note}" if note else "")
+
+
+def passkey_note(rows: list[dict], pretraining_length: int | None = None) -> str | None:
+    """What an all-zero passkey result means (None when some answer was right): the model cannot do the task,
+    so the methods cannot be compared on it."""
+    if not rows or any(r["accuracy"] > 0 for r in rows):
+        return None
+    inside = pretraining_length and any(r["method"] == "vanilla" and r["length"] <= pretraining_length for r in rows)
+    if inside:
+        return (
+            "every method scores 0 at every length, the unmodified model inside its pretraining length included: "
+            "this model cannot do the passkey task, so these results say nothing about the methods"
+        )
+    check = f" --lengths {pretraining_length}" if pretraining_length else ""
+    return (
+        "every method scores 0 at every length: the model may not be able to do the passkey task at all (check "
+        f"with --methods vanilla{check}); these results say nothing about the methods"
+    )
 
 
 def generation_table(rows: list[dict]) -> str:

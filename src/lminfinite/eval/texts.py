@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..models.assets import read_text
+from .errors import BadFile, BadValue, MissingDependency
 
 _SNIFF = 8192  # bytes looked at to tell text from binary
 
@@ -15,18 +16,23 @@ _SNIFF = 8192  # bytes looked at to tell text from binary
 def read_text_file(path: str | os.PathLike) -> str:
     """The text of `path` (utf-8-sig, LF line ends); clear errors for missing, empty or binary files."""
     path = Path(path)
+    if path.is_dir():
+        raise BadValue(f"{path} is a folder, not a text file")
     if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(_SNIFF)
+        raise BadFile(f"text file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF)
+    except OSError as e:
+        raise BadValue(f"cannot read {path}: {e.strerror or e}") from None
     if b"\x00" in head:
-        raise ValueError(f"{path} looks binary (it has NUL bytes), not a text file")
+        raise BadValue(f"{path} looks binary (it has NUL bytes), not a text file")
     try:
         text = read_text(path)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise BadValue(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
-        raise ValueError(f"{path} is empty (no text to evaluate on)")
+        raise BadValue(f"{path} is empty (no text to evaluate on)")
     return text
 
 
@@ -41,14 +47,14 @@ def dataset_text(
     try:
         import datasets
     except ImportError:
-        raise ImportError("--dataset needs the `datasets` package: pip install datasets") from None
+        raise MissingDependency("--dataset needs the `datasets` package: pip install datasets") from None
     try:
         data = datasets.load_dataset(name, config, split=split)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot load dataset {name!r} split {split!r}: {first}") from None
+        raise BadValue(f"cannot load dataset {name!r} split {split!r}: {first}") from None
     if field not in data.column_names:
-        raise ValueError(f"dataset {name!r} has no field {field!r}; its fields: {', '.join(data.column_names)}")
+        raise BadValue(f"dataset {name!r} has no field {field!r}; its fields: {', '.join(data.column_names)}")
     parts, size = [], 0
     for row in data:
         value = row[field]
@@ -58,7 +64,7 @@ def dataset_text(
             if max_chars is not None and size >= max_chars:
                 break
     if not parts:
-        raise ValueError(f"dataset {name!r} split {split!r} has no text in field {field!r}")
+        raise BadValue(f"dataset {name!r} split {split!r} has no text in field {field!r}")
     return "\n\n".join(parts)
 
 
@@ -85,11 +91,11 @@ def windows(tokenizer, text: str, n_windows: int, length: int, name: str = "text
     bos = getattr(tokenizer, "bos_token_id", None)
     step = length - 1 if bos is not None else length
     if step < 1:
-        raise ValueError(f"window length must be at least 2 tokens, got {length}")
+        raise BadValue(f"window length must be at least 2 tokens, got {length}")
     need = n_windows * step
     ids = encode_prefix(tokenizer, text, need)
     if len(ids) < need:
-        raise ValueError(
+        raise BadValue(
             f"{name} has {len(ids)} tokens, too short for {n_windows} windows of {length} tokens "
             f"({need} needed); lower --windows or --max-length, or use a longer text"
         )
