@@ -1,0 +1,329 @@
+"""The FastAPI application: OpenAI-compatible routes over one model worker.
+
+Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or server-sent events),
+`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus text). Every
+error, unknown routes included, is an OpenAI-style `{"error": {...}}` body with its status.
+
+Request path: API key (constant-time compare, 401) -> body read with a size cap (413) -> JSON and
+field validation (400) -> prompt rendering and tokenization in a thread (400 when too long) ->
+admission (429 beyond `max_concurrency`) -> a `Job` for the model worker -> its events become the
+JSON answer or the SSE stream. A client that goes away cancels its job (the stream's generator is
+cancelled by Starlette; a non-streaming request polls for the disconnect).
+
+`/health` and `/metrics` need no key (they show no text); bind to 127.0.0.1 (the default) or put
+the server behind a proxy to keep them private.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from . import errors
+from .config import ServeConfig
+from .errors import APIError
+from .metrics import Metrics
+from .protocol import (
+    Limits,
+    chat_chunk,
+    chat_completion,
+    check_prompt_size,
+    new_id,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    text_completion,
+    usage_chunk,
+)
+from .scheduler import Engine, Event, Job, Scheduler
+from .sessions import SessionStore
+from .templates import chat_prompt, completion_prompt
+
+log = logging.getLogger("lminfinite.serve")
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DISCONNECT_POLL_S = 0.1
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class MetricsMiddleware:
+    """Counts every answered request by route and status, and times it to its last byte (pure ASGI)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    @staticmethod
+    def route(path: str) -> str:
+        if path in ROUTES:
+            return path
+        return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = self.route(scope["path"])
+            self.metrics.requests.inc(route=route, status=str(status[0]))
+            self.metrics.latency.observe(time.perf_counter() - start, route=route)
+
+
+def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
+    """The server for an lminfinite-enabled `model`; the model worker starts with the app (lifespan)."""
+    engine = Engine(model, tokenizer)
+    store = SessionStore(
+        config.max_sessions, config.max_cache_bytes, lambda reason: metrics.evictions.inc(reason=reason)
+    )
+    metrics = Metrics(sessions=lambda: len(store), cache_bytes=store.cache_bytes, active=lambda: scheduler.in_flight)
+    scheduler = Scheduler(engine, store, metrics, config.max_concurrency, config.step_tokens, config.session_reuse)
+    limits = Limits(max_tokens_cap=config.max_tokens_cap, vocab_size=int(model.config.vocab_size))
+    keys = tuple(k.encode() for k in config.api_keys)
+    state = getattr(model, "_lminfinite", None)
+    lam = state.config if state is not None else None
+    fingerprint = f"lminfinite-{__version__}" + (f"-G{lam.n_global}-L{lam.n_local}" if lam is not None else "")
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        log.info("serving %s (%s) with G=%s L=%s", config.model_name, type(model).__name__, lam.n_global, lam.n_local)
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="lminfinite", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.scheduler, app.state.store, app.state.metrics, app.state.config = scheduler, store, metrics, config
+    app.state.engine = engine
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    # ------------------------------------------------------------------------------------------ errors
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            error = APIError(404, f"Unknown request URL: {request.method} {request.url.path}", code="unknown_url")
+        elif exc.status_code == 405:
+            error = APIError(
+                405, f"Method {request.method} is not allowed on {request.url.path}", code="method_not_allowed"
+            )
+        else:
+            error = APIError(exc.status_code, str(exc.detail), code=None)
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(errors.server_error())
+
+    # -------------------------------------------------------------------------------------------- helpers
+
+    def authenticate(request: Request) -> str:
+        """The caller's session namespace: a hash of its API key ("" without authentication)."""
+        if not keys:
+            return ""
+        header = request.headers.get("authorization")
+        if not header:
+            raise errors.unauthorized(provided=False)
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        ok = False
+        for key in keys:  # compare with every key, in constant time for each
+            ok |= hmac.compare_digest(given, key)
+        if scheme.lower() != "bearer" or not ok:
+            raise errors.unauthorized(provided=True)
+        return hashlib.sha256(given).hexdigest()[:32]
+
+    async def read_json(request: Request) -> dict:
+        cap = config.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise _too_large(cap)
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > cap:
+                raise _too_large(cap)
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
+
+    def admit_job(request: Request, namespace: str, prompt, params, rid: str) -> tuple[Job, asyncio.Queue]:
+        if not scheduler.alive:
+            raise errors.unavailable("the model worker is not running")
+        if not scheduler.try_admit():
+            metrics.rejected.inc()
+            raise errors.overloaded(config.max_concurrency)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(
+            rid=rid,
+            namespace=namespace,
+            prompt=prompt,
+            params=params,
+            send=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            deadline=time.perf_counter() + config.request_timeout,
+            timeout_s=config.request_timeout,
+        )
+        scheduler.submit(job)
+        return job, events
+
+    async def collect(request: Request, job: Job, events: asyncio.Queue) -> tuple[str, Event]:
+        """Wait for the whole answer; a client that disconnects meanwhile cancels the job."""
+        parts = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel.set()
+                        raise asyncio.CancelledError from None
+                    continue
+                if event.kind == "delta":
+                    parts.append(event.text)
+                elif event.kind == "done":
+                    return "".join(parts), event
+                else:
+                    raise event.error
+        finally:
+            job.cancel.set()  # no effect on a finished job; stops one whose request was cancelled
+
+    def sse(payload: dict) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    async def stream(job: Job, events: asyncio.Queue, chat: bool, model_name: str, include_usage: bool):
+        created_at = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def piece(text: str, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = (
+                    ({"role": "assistant", "content": text} if first else {"content": text}) if finish is None else {}
+                )
+                return chat_chunk(job.rid, model_name, created_at, delta, finish, fingerprint)
+            body = text_completion(job.rid, model_name, text, finish, None, fingerprint)
+            body["created"] = created_at
+            return body
+
+        try:
+            if chat:
+                yield sse(piece("", None, first=True))
+            while True:
+                event = await events.get()
+                if event.kind == "delta":
+                    if event.text:
+                        yield sse(piece(event.text, None))
+                elif event.kind == "done":
+                    yield sse(piece("", event.finish_reason))
+                    if include_usage:
+                        yield sse(usage_chunk(job.rid, model_name, created_at, obj, event.usage, fingerprint))
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    yield sse(event.error.body())
+                    return
+        finally:
+            job.cancel.set()
+
+    def log_prompt(rid: str, what) -> None:
+        if config.log_prompts:
+            log.info("request %s prompt: %r", rid, what)
+
+    async def run(request: Request, namespace: str, prompt, req, chat: bool):
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        log_prompt(rid, req.messages if chat else req.prompt)
+        job, events = admit_job(request, namespace, prompt, req.params, rid)
+        if req.stream:
+            return StreamingResponse(
+                stream(job, events, chat, req.model, req.include_usage),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+        try:
+            text, done = await collect(request, job, events)
+        except asyncio.CancelledError:
+            return Response(status_code=499)  # nobody is listening; recorded as 499 in the metrics
+        if chat:
+            return JSONResponse(chat_completion(rid, req.model, text, done.finish_reason, done.usage, fingerprint))
+        return JSONResponse(text_completion(rid, req.model, text, done.finish_reason, done.usage, fingerprint))
+
+    # --------------------------------------------------------------------------------------------- routes
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        namespace = authenticate(request)
+        req = parse_chat(await read_json(request), config.served_names, limits)
+        prompt = await run_in_threadpool(chat_prompt, tokenizer, req.messages)
+        check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "messages")
+        return await run(request, namespace, prompt, req, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        namespace = authenticate(request)
+        req = parse_completion(await read_json(request), config.served_names, limits)
+        prompt = await run_in_threadpool(completion_prompt, tokenizer, req.prompt)
+        check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "prompt")
+        return await run(request, namespace, prompt, req, chat=False)
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "lminfinite"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authenticate(request)
+        return {"object": "list", "data": [model_card(name) for name in config.served_names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str, request: Request):
+        authenticate(request)
+        if name not in config.served_names:
+            raise errors.model_not_found(name)
+        return model_card(name)
+
+    @app.get("/health")
+    async def health():
+        body = {
+            "status": "ok" if scheduler.alive else "unavailable",
+            "model": config.model_name,
+            "n_global": lam.n_global,
+            "n_local": lam.n_local,
+            "in_flight": scheduler.in_flight,
+            "sessions": len(store),
+        }
+        return JSONResponse(body, status_code=200 if scheduler.alive else 503)
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _too_large(cap: int) -> APIError:
+    return APIError(413, f"the request body is larger than {cap} bytes (--max-body-mb)", code="request_too_large")

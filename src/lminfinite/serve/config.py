@@ -1,0 +1,51 @@
+"""ServeConfig: everything `lminfinite serve` can be told, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and switches of one server. Sizes are checked here so that a bad value fails at start-up."""
+
+    model_name: str
+    api_keys: tuple[str, ...] = ()  # empty: no authentication, one shared session namespace
+    max_sessions: int = 64  # kept conversations (all keys together)
+    max_cache_mb: float = 1024.0  # bytes of all sessions' caches
+    max_concurrency: int = 16  # requests in flight (queued or running); 429 beyond
+    max_tokens_cap: int = 2048  # largest max_tokens accepted; also the chat default
+    max_prompt_tokens: int = 131072  # largest prompt accepted (tokens, whole history)
+    max_body_mb: float = 16.0  # largest request body
+    request_timeout: float = 600.0  # seconds from arrival to the end of generation
+    step_tokens: int = 256  # most prompt tokens one request feeds per forward (the round-robin quantum)
+    session_reuse: bool = True  # False: every request prefills its whole prompt (the benchmark's baseline)
+    log_prompts: bool = False
+    aliases: tuple[str, ...] = field(default_factory=tuple)  # more names /v1/models answers to
+
+    def __post_init__(self):
+        if not self.model_name:
+            raise ValueError("model_name must not be empty")
+        for name in ("max_concurrency", "max_tokens_cap", "max_prompt_tokens", "step_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.max_sessions, bool) or not isinstance(self.max_sessions, int) or self.max_sessions < 0:
+            raise ValueError(f"max_sessions must be an integer >= 0, got {self.max_sessions!r}")
+        for name in ("max_cache_mb", "max_body_mb", "request_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if any(not k or k != k.strip() for k in self.api_keys):
+            raise ValueError("API keys must be non-empty and have no surrounding spaces")
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return (self.model_name, *self.aliases)
+
+    @property
+    def max_cache_bytes(self) -> int:
+        return int(self.max_cache_mb * 2**20)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)

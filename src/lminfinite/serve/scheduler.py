@@ -1,0 +1,355 @@
+"""The model worker: one thread owns the model and interleaves the admitted requests round-robin.
+
+Each pass over the active requests gives every one of them one step: one forward of at most
+`step_tokens` new prompt tokens (prefill) or of one generated token (decode). So a long prompt never
+stalls the others' decoding for more than one chunk, and N concurrent requests each get about 1/N of
+the model.
+
+Requests are NOT batched together: every conversation has its own LambdaCache (starting tokens +
+window at its own positions), and the library has no operation that stacks separate caches into one
+left-padded batch and splits them again, so one forward serves one request. (Batching would pay on a
+GPU; on the CPU a 1-token forward of a small model is dominated by per-call overhead either way.)
+
+Admission (`try_admit`) bounds the requests in flight (queued or running) by `max_concurrency`; the
+HTTP layer answers 429 beyond it. A request stops at its deadline (`--request-timeout`) or when its
+`cancel` event is set (the client went away); its slot is freed as soon as the worker retires it.
+Events go back to the request's asyncio queue through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import errors
+from .metrics import Metrics
+from .protocol import GenParams
+from .sessions import Session, SessionStore
+from .templates import IncrementalDecoder, Prompt, StopMatcher
+
+log = logging.getLogger("lminfinite.serve")
+
+
+@dataclass
+class Event:
+    """What the worker sends to a request: a text `delta`, then `done` (or `error`)."""
+
+    kind: str  # "delta", "done", "error"
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+    error: errors.APIError | None = None
+
+
+@dataclass
+class Job:
+    rid: str
+    namespace: str
+    prompt: Prompt
+    params: GenParams
+    send: Callable[[Event], None]
+    deadline: float
+    timeout_s: float
+    arrival: float = field(default_factory=time.perf_counter)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # worker state
+    phase: str = "new"  # new, prefill, decode, done
+    session: Session | None = None
+    to_feed: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    reused: int = 0
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    last_token: int | None = None
+    decoder: IncrementalDecoder | None = None
+    stopper: StopMatcher | None = None
+    content: str = ""
+    generator: torch.Generator | None = None
+    t_prefill: float = 0.0
+    t_first: float | None = None
+    t_last: float | None = None
+    outcome: str = ""  # stop, length, cancelled, timeout, error
+
+
+class Engine:
+    """The model and tokenizer of the server: fresh caches, one forward, sampling. Worker thread only."""
+
+    def __init__(self, model, tokenizer):
+        import lminfinite
+
+        if not lminfinite.is_enabled(model):
+            raise ValueError("serve needs an lminfinite-enabled model: call lminfinite.enable(model, ...) first")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self._cache_type = lminfinite.LambdaCache
+        self.stop_ids = frozenset(stop_token_ids(model, tokenizer))
+
+    def new_cache(self):
+        return self._cache_type.for_model(self.model)
+
+    def forward(self, ids: list[int], cache) -> torch.Tensor:
+        """Feed `ids` after what `cache` holds; the (vocab,) float32 logits of the last position."""
+        with torch.inference_mode():
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[0, -1].float()
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-turn ids: the tokenizer's EOS and the generation config's eos_token_id (int or list)."""
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def pick(logits: torch.Tensor, params: GenParams, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0, else sampling with temperature and nucleus (top_p)."""
+    if params.greedy:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest set reaching top_p (at least one)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Scheduler:
+    """Admission, the worker thread, and the per-request state machine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: SessionStore,
+        metrics: Metrics,
+        max_concurrency: int,
+        step_tokens: int,
+        session_reuse: bool = True,
+    ):
+        self.engine, self.store, self.metrics = engine, store, metrics
+        self.max_concurrency, self.step_tokens = max_concurrency, step_tokens
+        self.session_reuse = session_reuse
+        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._active: list[Job] = []
+        self._slots = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lminfinite-model-worker", daemon=True)
+
+    # ---------------------------------------------------------------------------------- other threads
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._slots
+
+    def try_admit(self) -> bool:
+        with self._lock:
+            if self._slots >= self.max_concurrency:
+                return False
+            self._slots += 1
+            return True
+
+    def release_slot(self) -> None:
+        with self._lock:
+            self._slots -= 1
+
+    def submit(self, job: Job) -> None:
+        """Queue an admitted job (its slot is released when the worker retires it)."""
+        self._inbox.put(job)
+
+    # ---------------------------------------------------------------------------------- worker thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                self._take_new(block=not self._active)
+                for job in list(self._active):
+                    self._step(job)
+                self._active = [j for j in self._active if j.phase != "done"]
+            except Exception:  # never let the worker die: fail the active jobs, keep serving
+                log.exception("model worker error")
+                for job in self._active:
+                    self._fail(job, errors.server_error())
+                self._active = []
+        for job in self._active + self._drain():
+            self._fail(job, errors.unavailable("the server is shutting down"))
+
+    def _drain(self) -> list[Job]:
+        jobs = []
+        while True:
+            try:
+                jobs.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return jobs
+
+    def _take_new(self, block: bool) -> None:
+        if block:
+            try:
+                self._active.append(self._inbox.get(timeout=0.2))
+            except queue.Empty:
+                return
+        self._active.extend(self._drain())
+
+    def _step(self, job: Job) -> None:
+        if job.cancel.is_set():
+            self.metrics.disconnects.inc()
+            return self._retire(job, "cancelled")
+        if time.perf_counter() - job.arrival > job.timeout_s:
+            self.metrics.timeouts.inc()
+            self._send(job, Event("error", error=errors.timeout(job.timeout_s)))
+            return self._retire(job, "timeout")
+        try:
+            if job.phase == "new":
+                self._begin(job)
+            if job.phase == "prefill":
+                self._prefill_step(job)
+            elif job.phase == "decode":
+                logits = self.engine.forward([job.last_token], job.session.cache)
+                job.session.consume([job.last_token])
+                self._emit_token(job, logits)
+        except Exception as e:
+            log.exception("request %s failed", job.rid)
+            self._fail(job, errors.server_error(f"generation failed: {type(e).__name__}"))
+        if job.session is not None and job.phase != "done":
+            self.store.update_bytes(job.session)
+
+    def _begin(self, job: Job) -> None:
+        match = None
+        if not self.session_reuse:
+            kind = "disabled"
+        else:
+            match = self.store.find(job.namespace, job.prompt)
+            kind = match.kind if match else ("miss" if self.store.has_idle(job.namespace) else "new")
+        self.metrics.lookups.inc(result=kind)
+        if match is not None:
+            job.session, job.to_feed = match.session, match.new_ids
+            job.reused = match.session.n_consumed
+        else:
+            job.session = self.store.create(job.namespace, self.engine.new_cache())
+            job.to_feed = list(job.prompt.ids)
+        job.prompt_tokens = job.reused + len(job.to_feed)
+        self.metrics.prompt_tokens.inc(job.prompt_tokens)
+        self.metrics.reused_tokens.inc(job.reused)
+        seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)
+        job.generator = torch.Generator().manual_seed(seed % 2**63)
+        job.decoder = IncrementalDecoder(self.engine.tokenizer, job.prompt.ids[-6:])
+        job.stopper = StopMatcher(job.params.stop)
+        job.phase = "prefill"
+        job.t_prefill = time.perf_counter()
+
+    def _prefill_step(self, job: Job) -> None:
+        chunk, job.to_feed = job.to_feed[: self.step_tokens], job.to_feed[self.step_tokens :]
+        logits = self.engine.forward(chunk, job.session.cache)
+        job.session.consume(chunk)
+        job.prefilled += len(chunk)
+        self.metrics.prefilled_tokens.inc(len(chunk))
+        if job.to_feed:
+            return
+        self.metrics.prefill_time.observe(time.perf_counter() - job.t_prefill)
+        job.phase = "decode"
+        self._emit_token(job, logits)
+
+    def _emit_token(self, job: Job, logits: torch.Tensor) -> None:
+        token = pick(logits, job.params, job.generator)
+        now = time.perf_counter()
+        if job.t_first is None:
+            job.t_first = now
+            self.metrics.ttft.observe(now - job.arrival)
+        else:
+            self.metrics.tpot.observe(now - job.t_last)
+        job.t_last = now
+        job.generated.append(token)
+        job.last_token = token
+        self.metrics.completion_tokens.inc()
+        if token in self.engine.stop_ids and not job.params.ignore_eos:
+            return self._finish(job, "stop", pending=())
+        text, stopped = job.stopper.feed(job.decoder.add(token))
+        if stopped:
+            job.content += text
+            self._send(job, Event("delta", text))
+            return self._finish(job, "stop", pending=(token,))
+        if len(job.generated) >= job.params.max_tokens:
+            text += job.stopper.feed(job.decoder.flush())[0] + job.stopper.flush()
+            job.content += text
+            self._send(job, Event("delta", text))
+            return self._finish(job, "length", pending=(token,))
+        if text:
+            job.content += text
+            self._send(job, Event("delta", text))
+
+    def _usage(self, job: Job) -> dict:
+        from .protocol import usage
+
+        return usage(job.prompt_tokens, len(job.generated), job.reused)
+
+    def _finish(self, job: Job, reason: str, pending: tuple[int, ...]) -> None:
+        """A normal end: the session keeps the consumed ids; its text is the prompt text + the whole answer."""
+        self._send(job, Event("done", finish_reason=reason, usage=self._usage(job)))
+        self._retire(job, reason, pending)
+
+    def _fail(self, job: Job, error: errors.APIError) -> None:
+        self._send(job, Event("error", error=error))
+        if job.session is not None:
+            self.store.drop(job.session)
+            job.session = None
+        self._retire(job, "error")
+
+    def _retire(self, job: Job, outcome: str, pending: tuple[int, ...] | None = None) -> None:
+        if job.phase == "done":
+            return
+        job.outcome, job.phase = outcome, "done"
+        s = job.session
+        if s is not None:
+            if job.last_token is not None and job.generated:
+                if pending is None:  # cancelled or timed out while decoding: the last token was not consumed
+                    pending = (job.last_token,)
+                answer = job.decoder.text + job.decoder.flush() if job.decoder else ""
+                text = None if job.prompt.text is None else job.prompt.text + answer
+                s.set_text(text, pending)
+            elif not job.to_feed and job.prompt.text is not None and s.n_consumed == job.prompt_tokens:
+                s.set_text(job.prompt.text, ())
+            self.store.release(s, keep=self.session_reuse)
+        self.release_slot()
+        log.info(
+            "request %s %s: prompt %d tokens (reused %d, prefilled %d), generated %d, %.3f s",
+            job.rid,
+            outcome,
+            job.prompt_tokens,
+            job.reused,
+            job.prefilled,
+            len(job.generated),
+            time.perf_counter() - job.arrival,
+        )
+
+    @staticmethod
+    def _send(job: Job, event: Event) -> None:
+        try:
+            job.send(event)
+        except RuntimeError:  # the event loop is gone (shutting down): nobody to tell
+            job.cancel.set()
