@@ -3,14 +3,19 @@
 Without this, an unknown hub name on a machine without network spends 20-40 s in
 huggingface_hub's retries before failing. `offline_reason()` returns None when the hub can be
 reached, else one phrase saying why not (HF_HUB_OFFLINE is set, or no TCP connection to the hub's
-host -- or to the HTTPS proxy -- within the timeout). Loaders then use only locally cached files.
+host -- or to the HTTPS proxy -- within the timeout). Loaders then use only locally cached files;
+`offline_unless_reachable()` switches `huggingface_hub` and `datasets` to offline mode for a block.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 CONNECT_TIMEOUT = 2.0  # seconds for one TCP connection (DNS lookup included, bounded by a thread)
@@ -62,3 +67,33 @@ def _probe(endpoint: str, timeout: float) -> str | None:
 def reset() -> None:
     """Forget the cached answer (tests; a network that came back)."""
     _answer.clear()
+
+
+@contextmanager
+def offline_unless_reachable(name: str | None = None) -> Iterator[str | None]:
+    """For the block: when the hub cannot be reached, `huggingface_hub` and `datasets` run in offline
+    mode (locally cached files only, no retries); yields the reason (None when online, or when `name`
+    is an existing local path, which needs no hub)."""
+    if name is not None and os.path.exists(os.path.expanduser(name)):
+        yield None
+        return
+    reason = offline_reason()
+    if reason is None:
+        yield None
+        return
+    patched = []
+    for module_name in ("huggingface_hub.constants", "datasets.config"):
+        module = sys.modules.get(module_name)
+        if module is None:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+        if hasattr(module, "HF_HUB_OFFLINE"):
+            patched.append((module, module.HF_HUB_OFFLINE))
+            module.HF_HUB_OFFLINE = True
+    try:
+        yield reason
+    finally:
+        for module, value in patched:
+            module.HF_HUB_OFFLINE = value
