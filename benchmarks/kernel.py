@@ -13,7 +13,7 @@ import torch
 from common import parse_args, run_point, save, timed
 
 from lminfinite.kernels import get_kernel, torch_chunked
-from lminfinite.kernels.topk import Middle
+from lminfinite.kernels.common import Far, Middle
 from lminfinite.positions import Alibi
 
 HEADS, DIM, G = 16, 128, 10
@@ -30,12 +30,12 @@ def point(variant: str, n_local: int, mult: int, repeats: int) -> dict:
         kw["alibi"] = Alibi(2.0 ** -torch.arange(1, HEADS + 1, dtype=torch.float32), n_local)
     if variant == "alibi_masked":
         torch_chunked._FUSED = None  # this process only
-    if variant == "topk":
-        kw["middle"] = Middle(k, v, idx, 5)
+    middle = Middle(k, v, idx, 5) if variant == "topk" else None
+    far = Far(qg, k[:, :, :G], v[:, :, :G], idx[:, :G], middle=middle, alibi=kw.get("alibi"))
     kernel = get_kernel("torch")
 
     def call():
-        kernel(q, k, v, idx, idx, qg, k[:, :, :G], v[:, :, :G], idx[:, :G], **kw)
+        kernel(q, k, v, idx, idx, far, **kw)
 
     call()  # warm-up
     seconds = min(timed(call) for _ in range(repeats))

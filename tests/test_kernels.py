@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lminfinite.kernels import get_kernel, topk, torch_chunked
+from lminfinite.kernels.common import Far
 from lminfinite.kernels.topk import Middle
 from lminfinite.plan import candidate_columns
 from lminfinite.positions import Alibi
@@ -23,6 +24,14 @@ def kernel(request, monkeypatch):
         return get_kernel(name)
 
     return get
+
+
+def run(kernel, args, middle=None, **kw):
+    """Call `kernel` on the 9 tensors `_inputs` makes: the far keys (and `middle`) as one `Far`, whose
+    ALiBi biases come from the same `alibi` the local branch gets."""
+    q, k, v, q_idx, k_idx, qg, kg, vg, g_idx = args
+    far = None if qg is None else Far(qg, kg, vg, g_idx, middle=middle, alibi=kw.get("alibi"))
+    return kernel(q, k, v, q_idx, k_idx, far, **kw)
 
 
 def _inputs(B, H, Hkv, Tq, Tk, d, pads, G, dtype=torch.float32, seed=0):
@@ -51,8 +60,8 @@ def test_kernel_equals_naive(kernel, backend, G, L, block, n_mult):
     n = n_mult * L
     args = _inputs(2, 4, 2, n, n, 8, pads=[0, 0], G=G)
     kw = dict(n_global=G, n_local=L, scaling=8**-0.5, block_size=block)
-    ref = get_kernel("naive")(*args, **kw)
-    out = kernel(backend)(*args, **kw)
+    ref = run(get_kernel("naive"), args, **kw)
+    out = run(kernel(backend), args, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -64,8 +73,8 @@ def test_kernel_with_cached_prefix_and_padding(kernel, backend, Tq, pads):
     Tk, G, L = 90, 4, 16
     args = _inputs(3, 6, 3, Tq, Tk, 8, pads=pads, G=G)
     kw = dict(n_global=G, n_local=L, scaling=0.3, block_size=6)
-    ref = get_kernel("naive")(*args, **kw)
-    out = kernel(backend)(*args, **kw)
+    ref = run(get_kernel("naive"), args, **kw)
+    out = run(kernel(backend), args, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     q_idx = args[3]
     assert (out[(q_idx < 0)[:, None, :].expand_as(out[..., 0])] == 0).all()
@@ -77,8 +86,8 @@ def test_kernel_with_cached_prefix_and_padding(kernel, backend, Tq, pads):
 def test_kernel_low_precision(kernel, backend, pads, dtype, atol):
     args = _inputs(2, 4, 1, 64, 64, 16, pads=pads, G=3, dtype=dtype)
     kw = dict(n_global=3, n_local=12, scaling=0.25, block_size=10)
-    ref = get_kernel("naive")(*[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
-    out = kernel(backend)(*args, **kw)
+    ref = run(get_kernel("naive"), [a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
+    out = run(kernel(backend), args, **kw)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
 
@@ -86,8 +95,8 @@ def test_kernel_low_precision(kernel, backend, pads, dtype, atol):
 def test_band_path_is_taken_for_contiguous_keys(monkeypatch):
     calls = []
     monkeypatch.setattr(torch_chunked, "_band_path", lambda *a: calls.append(1) or a[0])
-    get_kernel("torch")(*_inputs(1, 2, 1, 50, 50, 8, pads=[0], G=2), n_global=2, n_local=9, scaling=1.0)
-    get_kernel("torch")(*_inputs(2, 2, 1, 50, 50, 8, pads=[0, 4], G=2), n_global=2, n_local=9, scaling=1.0)
+    run(get_kernel("torch"), _inputs(1, 2, 1, 50, 50, 8, pads=[0], G=2), n_global=2, n_local=9, scaling=1.0)
+    run(get_kernel("torch"), _inputs(2, 2, 1, 50, 50, 8, pads=[0, 4], G=2), n_global=2, n_local=9, scaling=1.0)
     assert calls == [1]
 
 
@@ -95,10 +104,10 @@ def test_band_path_is_taken_for_contiguous_keys(monkeypatch):
 def test_softcap_matches_naive(kernel, backend):
     args = _inputs(1, 2, 1, 50, 50, 8, pads=[0], G=2)
     kw = dict(n_global=2, n_local=9, scaling=1.0, block_size=8, softcap=5.0)
-    ref = get_kernel("naive")(*args, **kw)
-    torch.testing.assert_close(kernel(backend)(*args, **kw), ref, atol=1e-5, rtol=1e-5)
+    ref = run(get_kernel("naive"), args, **kw)
+    torch.testing.assert_close(run(kernel(backend), args, **kw), ref, atol=1e-5, rtol=1e-5)
     kw.pop("softcap")
-    assert (get_kernel("naive")(*args, **kw) - ref).abs().max() > 1e-3  # softcap changes the result
+    assert (run(get_kernel("naive"), args, **kw) - ref).abs().max() > 1e-3  # softcap changes the result
 
 
 def test_unknown_backend():
@@ -111,8 +120,8 @@ def test_bf16_logits_are_not_rounded_before_softmax(kernel, backend):
     """Large logits in bf16: the error must stay near the rounding of the output itself."""
     args = _inputs(1, 4, 2, 96, 96, 64, pads=[0], G=3, dtype=torch.bfloat16, seed=3)
     kw = dict(n_global=3, n_local=24, scaling=1.0, block_size=16)
-    ref = get_kernel("naive")(*[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
-    out = kernel(backend)(*args, **kw).float()
+    ref = run(get_kernel("naive"), [a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
+    out = run(kernel(backend), args, **kw).float()
     rounding = (ref.to(torch.bfloat16).float() - ref).abs().mean()
     assert (out - ref).abs().mean() < 2 * rounding
 
@@ -129,10 +138,10 @@ def _alibi(H, D):
 def test_alibi_matches_naive(kernel, backend, Tq, pads):
     args = _inputs(2, 4, 2, Tq, 60, 8, pads=pads, G=3)
     kw = dict(n_global=3, n_local=12, scaling=0.3, block_size=7)
-    ref = get_kernel("naive")(*args, **kw, alibi=_alibi(4, 12))
-    torch.testing.assert_close(kernel(backend)(*args, **kw, alibi=_alibi(4, 12)), ref, atol=1e-5, rtol=1e-5)
-    assert (get_kernel("naive")(*args, **kw) - ref).abs().max() > 1e-2  # the biases change the result
-    assert (get_kernel("naive")(*args, **kw, alibi=_alibi(4, 5)) - ref).abs().max() > 1e-3  # and so does D
+    ref = run(get_kernel("naive"), args, **kw, alibi=_alibi(4, 12))
+    torch.testing.assert_close(run(kernel(backend), args, **kw, alibi=_alibi(4, 12)), ref, atol=1e-5, rtol=1e-5)
+    assert (run(get_kernel("naive"), args, **kw) - ref).abs().max() > 1e-2  # the biases change the result
+    assert (run(get_kernel("naive"), args, **kw, alibi=_alibi(4, 5)) - ref).abs().max() > 1e-3  # and so does D
 
 
 def _with_middle(B, H, Hkv, Tq, Tk, d, pads, G, top_k, seed=0):
@@ -149,20 +158,20 @@ def _with_middle(B, H, Hkv, Tq, Tk, d, pads, G, top_k, seed=0):
 def test_top_k_matches_naive(kernel, backend, top_k, G, Tq, pads):
     args, middle = _with_middle(2, 4, 2, Tq, 70, 8, pads, G, top_k)
     kw = dict(n_global=G, n_local=10, scaling=0.4, block_size=6)
-    ref = get_kernel("naive")(*args, **kw, middle=middle)
-    torch.testing.assert_close(kernel(backend)(*args, **kw, middle=middle), ref, atol=1e-5, rtol=1e-5)
-    assert (get_kernel("naive")(*args, **kw) - ref).abs().max() > 1e-2  # the middle keys change the result
+    ref = run(get_kernel("naive"), args, **kw, middle=middle)
+    torch.testing.assert_close(run(kernel(backend), args, **kw, middle=middle), ref, atol=1e-5, rtol=1e-5)
+    assert (run(get_kernel("naive"), args, **kw) - ref).abs().max() > 1e-2  # the middle keys change the result
     if top_k < 500:  # fewer middle keys than all of them
         everything = Middle(middle.keys, middle.values, middle.idx, 500)
-        assert (get_kernel("naive")(*args, **kw, middle=everything) - ref).abs().max() > 1e-3
+        assert (run(get_kernel("naive"), args, **kw, middle=everything) - ref).abs().max() > 1e-3
 
 
 def test_top_k_with_alibi_and_softcap(kernel):
     args, middle = _with_middle(1, 4, 4, 40, 40, 8, [0], 2, 3)
     kw = dict(n_global=2, n_local=8, scaling=0.5, block_size=6, softcap=3.0, alibi=_alibi(4, 8), middle=middle)
-    ref = get_kernel("naive")(*args, **kw)
+    ref = run(get_kernel("naive"), args, **kw)
     for backend in BACKENDS:
-        torch.testing.assert_close(kernel(backend)(*args, **kw), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run(kernel(backend), args, **kw), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "flex"])
@@ -171,7 +180,7 @@ def test_top_k_scores_are_taken_a_few_queries_at_a_time(monkeypatch, backend):
     (whose top-k values are queries x k x head_dim) is built one block of queries at a time; same result."""
     args, middle = _with_middle(1, 4, 2, 50, 50, 8, [0], 2, 3)
     kw = dict(n_global=2, n_local=8, scaling=0.5, middle=middle, block_size=8)
-    ref = get_kernel("naive")(*args, **kw)
+    ref = run(get_kernel("naive"), args, **kw)
     seen, blocks = [], []
     select, piece = topk._top_k, torch_chunked.global_piece
     monkeypatch.setattr(topk, "_SCORES_PER_PASS", 4 * 50 * 3)  # three queries per pass
@@ -182,7 +191,7 @@ def test_top_k_scores_are_taken_a_few_queries_at_a_time(monkeypatch, backend):
         from lminfinite.kernels import flex
 
         monkeypatch.setattr(flex, "global_piece", fake)
-    torch.testing.assert_close(get_kernel(backend)(*args, **kw), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(get_kernel(backend), args, **kw), ref, atol=1e-5, rtol=1e-5)
     assert seen and max(seen) <= 4 * 50 * 3
     assert blocks and max(blocks) <= 8
 
@@ -192,11 +201,11 @@ def test_top_k_ties_go_to_the_earlier_key(kernel):
     args, middle = _with_middle(1, 2, 1, 30, 30, 8, [0], 0, 2)
     keys = middle.keys[:, :, :1].expand_as(middle.keys).contiguous()  # every key equal, values differ
     kw = dict(n_global=0, n_local=6, scaling=0.5, block_size=4)
-    ref = get_kernel("naive")(*args, **kw, middle=Middle(keys, middle.values, middle.idx, 2))
+    ref = run(get_kernel("naive"), args, **kw, middle=Middle(keys, middle.values, middle.idx, 2))
     earliest = Middle(keys[:, :, :2], middle.values[:, :, :2], middle.idx[:, :2], 2)
-    torch.testing.assert_close(get_kernel("naive")(*args, **kw, middle=earliest), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(get_kernel("naive"), args, **kw, middle=earliest), ref, atol=1e-6, rtol=0)
     for backend in BACKENDS:
-        out = kernel(backend)(*args, **kw, middle=Middle(keys, middle.values, middle.idx, 2))
+        out = run(kernel(backend), args, **kw, middle=Middle(keys, middle.values, middle.idx, 2))
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -206,8 +215,8 @@ def test_top_k_ties_go_to_the_earlier_key(kernel):
 def test_alibi_low_precision(kernel, backend, dtype, atol, Tq):
     args = _inputs(1, 4, 4, Tq, 64, 16, pads=[0], G=3, dtype=dtype)
     kw = dict(n_global=3, n_local=12, scaling=0.25, block_size=10, alibi=_alibi(4, 12))
-    ref = get_kernel("naive")(*[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
-    out = kernel(backend)(*args, **kw)
+    ref = run(get_kernel("naive"), [a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
+    out = run(kernel(backend), args, **kw)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
 
@@ -217,9 +226,10 @@ def test_band_path_is_taken_for_alibi(monkeypatch):
     band = torch_chunked._band_path
     monkeypatch.setattr(torch_chunked, "_band_path", lambda *a: calls.append(1) or band(*a))
     args = _inputs(1, 4, 4, 50, 50, 8, pads=[0], G=2)
-    out = get_kernel("torch")(*args, n_global=2, n_local=9, scaling=1.0, alibi=_alibi(4, 9))
+    out = run(get_kernel("torch"), args, n_global=2, n_local=9, scaling=1.0, alibi=_alibi(4, 9))
     assert calls == [1]
-    torch.testing.assert_close(out, get_kernel("naive")(*args, n_global=2, n_local=9, scaling=1.0, alibi=_alibi(4, 9)))
+    ref = run(get_kernel("naive"), args, n_global=2, n_local=9, scaling=1.0, alibi=_alibi(4, 9))
+    torch.testing.assert_close(out, ref)
 
 
 @pytest.mark.parametrize("select", ["_top_k", "_top_k_exact"])
@@ -250,6 +260,6 @@ def test_alibi_band_path_with_a_cached_prefix(monkeypatch, Tq):
     calls = []
     band = torch_chunked._band_path
     monkeypatch.setattr(torch_chunked, "_band_path", lambda *a: calls.append(a[4]) or band(*a))
-    out = get_kernel("torch")(*args, **kw)
+    out = run(get_kernel("torch"), args, **kw)
     assert calls == [G]  # c0: the run after the starting tokens
-    torch.testing.assert_close(out, get_kernel("naive")(*args, **kw), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, run(get_kernel("naive"), args, **kw), atol=1e-5, rtol=1e-5)

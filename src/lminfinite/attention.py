@@ -18,10 +18,12 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .config import LambdaConfig
 from .context import CTX_KWARG
 from .kernels import get_kernel
-from .kernels.topk import Middle
-from .positions import layer_window
+from .kernels.common import Far, Middle
+from .plan import ForwardPlan
+from .positions import Alibi, Rope, layer_window
 
 NAME = "lm_infinite"
 # ALiBi models (MPT, Bloom) compute attention themselves (see alibi.py) but still build a mask: under this
@@ -33,10 +35,40 @@ ALIBI_NAME = "lm_infinite_alibi"
 ALIBI_STATES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The kernel used for `backend` on `device`. "auto" is the chunked torch kernel on every device
-    for now: the flex kernel is tested on CPU only and has not been measured on a GPU yet."""
-    return "torch" if backend == "auto" else backend
+def far_keys(
+    plan: ForwardPlan,
+    cfg: LambdaConfig,
+    layer_idx: int,
+    rope: Rope | None,
+    alibi: Alibi | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> Far | None:
+    """The keys this layer's queries see at distance D (None: none in this forward).
+
+    RoPE: the queries are moved to position D and the starting keys back to position 0 (middle keys
+    a LambdaCache keeps are stored at position 0 already); with `sink_positions="own"` a query sits at
+    min(D, its index) and the starting keys keep their positions. ALiBi: nothing moves, `alibi` gives
+    their biases."""
+    S = plan.n_candidates
+    M = plan.n_middle if cfg.uses_top_k(layer_idx) else 0
+    if S == 0 and M == 0:
+        return None
+    device = query.device
+    qg, kg, km = query, key[:, :, :S], key[:, :, :M]
+    if rope is not None:
+        sinks = cfg.sink_positions == "own"
+        qg = rope.rotate(query, *plan.query_rotation(rope, cfg.limit_distance, device, sinks))
+        if not sinks:  # far keys back to position 0; cached middle keys are there already
+            kg = rope.rotate(kg, *plan.key_rotation(rope, 0, S, device))
+            z = plan.middle_at_zero(M, cfg.n_global)
+            if z < M:
+                moved = rope.rotate(key[:, :, z:M], *plan.key_rotation(rope, z, M, device))
+                km = torch.cat([key[:, :, :z], moved], dim=2)
+    k_idx = plan.k_idx.to(device)
+    middle = Middle(km, value[:, :, :M], k_idx[:, :M], cfg.top_k) if M > 0 else None
+    return Far(qg, kg, value[:, :, :S], k_idx[:, :S], middle=middle, alibi=alibi)
 
 
 def lambda_attention_forward(
@@ -68,41 +100,20 @@ def lambda_attention_forward(
     rope = plan.layer_ropes[module.layer_idx]
     alibi = state.alibi_on(device)
     n_local, has_global = layer_window(cfg.n_local, kwargs.get("sliding_window"))
-    S = plan.n_candidates if has_global else 0
-    M = plan.n_middle if has_global and cfg.uses_top_k(module.layer_idx) else 0
-    qg = kg = vg = g_idx = middle = None
-    if S > 0 or M > 0:  # keys seen at distance D: starting tokens, and middle tokens for top-k
-        qg, kg, km = query, key[:, :, :S], key[:, :, :M]
-        if rope is not None:
-            sinks = cfg.sink_positions == "own"
-            qg = rope.rotate(query, *plan.query_rotation(rope, cfg.limit_distance, device, sinks))
-            if not sinks:  # far keys back to position 0; cached middle keys are there already
-                kg = rope.rotate(kg, *plan.key_rotation(rope, 0, S, device))
-                z = plan.middle_at_zero(M, cfg.n_global)
-                if z < M:
-                    moved = rope.rotate(key[:, :, z:M], *plan.key_rotation(rope, z, M, device))
-                    km = torch.cat([key[:, :, :z], moved], dim=2)
-        vg, g_idx = value[:, :, :S], k_idx[:, :S]
-        if M > 0:
-            middle = Middle(km, value[:, :, :M], k_idx[:, :M], cfg.top_k)
-    kernel = get_kernel(resolve_backend(cfg.backend, device))
-    out = kernel(
+    far = far_keys(plan, cfg, module.layer_idx, rope, alibi, query, key, value) if has_global else None
+    out = get_kernel(cfg.backend)(
         query,
         key,
         value,
         q_idx,
         k_idx,
-        qg,
-        kg,
-        vg,
-        g_idx,
+        far,
         n_global=cfg.n_global,
         n_local=n_local,
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         softcap=kwargs.get("softcap"),
         block_size=cfg.block_size,
         alibi=alibi,
-        middle=middle,
     )
     return out.transpose(1, 2).contiguous(), None
 

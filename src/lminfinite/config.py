@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-BACKENDS = ("auto", "naive", "torch", "flex")
+from .kernels import BACKENDS
 
 
 @dataclass(frozen=True)

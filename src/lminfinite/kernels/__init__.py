@@ -1,37 +1,47 @@
-"""Λ-attention kernels, one file per backend, all with one signature.
+"""Λ-attention kernels: the registry of backends, one file per backend, all with one typed contract.
 
-    kernel(q, k, v, q_idx, k_idx, qg, kg, vg, g_idx, *, n_global, n_local, scaling, softcap=None,
-           block_size=None, alibi=None, middle=None) -> (batch, heads, q_len, head_dim_v)
+    kernel(q, k, v, q_idx, k_idx, far=None, *, n_global, n_local, scaling, softcap=None,
+           block_size=None, alibi=None) -> (batch, heads, q_len, head_dim_v)
 
 q: (batch, heads, q_len, d), rotated at the query positions (local branch).
 k, v: (batch, kv_heads, k_len, d); key column `k_len - q_len + t` is query `t`'s own key.
 q_idx, k_idx: (batch, q_len), (batch, k_len) token indices, -1 for padding.
-qg: the queries re-rotated to distance D (global branch); kg, vg: (batch, kv_heads, S, d)
-    candidate starting keys brought back to position 0, g_idx their token indices. qg may be None
-    when there are no candidates (S == 0) and no middle.
-alibi: a `positions.Alibi` (ALiBi models): local keys get the bias of their true distance, far
-    keys (starting, top-k middle) the bias of distance D.
-middle: a `topk.Middle` (top-k extension): each query also attends its k best middle keys,
-    scored with `qg` like a starting key.
+far: a `common.Far`, the keys seen at distance D (starting tokens, top-k middle keys) with the
+    queries moved to D; None (or empty) when no query sees any.
+alibi: a `positions.Alibi` (ALiBi models): local keys get the bias of their true distance (the
+    far keys' biases come from `far.alibi`).
 Outputs of padding queries are 0. Grouped-query attention: head h reads kv head h // (heads / kv_heads).
+
+`BACKENDS` is the one list of backend names (`LambdaConfig` validates against it); a backend's
+module is imported on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
-from . import naive, torch_chunked
+import torch
 
-KERNELS: dict[str, Callable] = {"naive": naive.attention, "torch": torch_chunked.attention}
+# backend name -> module of this package holding its `attention` function
+KERNEL_MODULES = {"naive": "naive", "torch": "torch_chunked", "flex": "flex"}
+# What `enable(backend=...)` accepts: "auto" picks one of the kernels (see `resolve_backend`).
+BACKENDS = ("auto", *KERNEL_MODULES)
+
+_loaded: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def get_kernel(name: str) -> Callable:
-    """The kernel registered as `name` ("naive", "torch", "flex")."""
-    if name == "flex" and "flex" not in KERNELS:
-        from . import flex
+def resolve_backend(backend: str, device: torch.device | None = None) -> str:
+    """The kernel used for `backend` on `device`. "auto" is the chunked torch kernel on every device
+    for now: the flex kernel is tested on CPU only and has not been measured on a GPU yet."""
+    return "torch" if backend == "auto" else backend
 
-        KERNELS["flex"] = flex.attention
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; choose from {sorted(KERNELS) + ['flex']}") from None
+
+def get_kernel(name: str) -> Callable[..., torch.Tensor]:
+    """The kernel of backend `name` ("naive", "torch", "flex"; "auto" resolves first)."""
+    name = resolve_backend(name)
+    if name not in _loaded:
+        if name not in KERNEL_MODULES:
+            raise ValueError(f"unknown backend {name!r}; choose from {list(BACKENDS)}")
+        _loaded[name] = importlib.import_module(f"{__name__}.{KERNEL_MODULES[name]}").attention
+    return _loaded[name]

@@ -14,8 +14,9 @@ import warnings
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from ..positions import Alibi
 from ..rule import local_rule
-from .torch_chunked import Far, global_piece, merge
+from .common import Far, global_piece, merge
 
 _compiled = None
 
@@ -31,24 +32,21 @@ def _flex(device: torch.device):
 
 
 def attention(
-    q,
-    k,
-    v,
-    q_idx,
-    k_idx,
-    qg,
-    kg,
-    vg,
-    g_idx,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    far: Far | None = None,
     *,
-    n_global,
-    n_local,
-    scaling,
-    softcap=None,
-    block_size=None,
-    alibi=None,
-    middle=None,
+    n_global: int,
+    n_local: int,
+    scaling: float,
+    softcap: float | None = None,
+    block_size: int | None = None,
+    alibi: Alibi | None = None,
 ) -> torch.Tensor:
+    """The contract of `kernels/__init__.py`: the local branch in FlexAttention, the far keys beside it."""
     B, H, Tq, _ = q.shape
     Tk, rep = k.shape[2], H // k.shape[1]
     slopes = None if alibi is None else alibi.slopes.to(device=q.device, dtype=torch.float32)
@@ -78,11 +76,10 @@ def attention(
             enable_gqa=rep > 1,
             return_lse=True,
         )
-    far = Far(qg, kg, vg, g_idx, middle, alibi, softcap)
     if far:  # the far keys in blocks of queries: top-k values are (queries, k, head_dim) per head
         step = block_size or 256
         blocks = [
-            global_piece(far, s, min(s + step, Tq), q_idx[:, s : s + step], n_global, n_local, scaling, rep)
+            global_piece(far, s, min(s + step, Tq), q_idx[:, s : s + step], n_global, n_local, scaling, rep, softcap)
             for s in range(0, Tq, step)
         ]
         far_piece = (torch.cat([o for o, _ in blocks], 2), torch.cat([lse for _, lse in blocks], 2))

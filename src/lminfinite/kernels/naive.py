@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from ..positions import Alibi
 from ..rule import global_rule, local_rule, middle_rule
+from .common import Far
 
 
 def _capped(scores, softcap):
@@ -15,24 +17,21 @@ def _capped(scores, softcap):
 
 
 def attention(
-    q,
-    k,
-    v,
-    q_idx,
-    k_idx,
-    qg,
-    kg,
-    vg,
-    g_idx,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    far: Far | None = None,
     *,
-    n_global,
-    n_local,
-    scaling,
-    softcap=None,
-    block_size=None,
-    alibi=None,
-    middle=None,
+    n_global: int,
+    n_local: int,
+    scaling: float,
+    softcap: float | None = None,
+    block_size: int | None = None,
+    alibi: Alibi | None = None,
 ) -> torch.Tensor:
+    """The contract of `kernels/__init__.py`, computed densely."""
     H, rep = q.shape[1], q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
     scores = _capped((q.float() @ k.transpose(-1, -2)) * scaling, softcap)
@@ -41,19 +40,25 @@ def attention(
         scores = scores + alibi.bias(qi - k_idx[:, None, None, :], (1, H))
     scores = scores.masked_fill(~local_rule(qi, k_idx[:, None, None, :], n_local), float("-inf"))
     all_scores, values = [scores], [v]
-    if qg is not None and kg.shape[2] > 0:
-        gscores = _capped((qg.float() @ kg.repeat_interleave(rep, 1).float().transpose(-1, -2)) * scaling, softcap)
-        gi = g_idx[:, None, None, :]
-        if alibi is not None:
-            gscores = gscores + alibi.far_bias(qi, gi, (1, H))
+    far = far if far else None
+    qg = None if far is None else far.queries.float()
+    if far is not None and far.n_candidates > 0:
+        kg = far.keys.repeat_interleave(rep, 1).float()
+        gscores = _capped((qg @ kg.transpose(-1, -2)) * scaling, softcap)
+        gi = far.idx[:, None, None, :]
+        bias = far.bias(qi, gi, (1, H))
+        if bias is not None:
+            gscores = gscores + bias
         all_scores.append(gscores.masked_fill(~global_rule(qi, gi, n_global, n_local), float("-inf")))
-        values.append(vg.repeat_interleave(rep, 1).float())
-    if middle is not None and middle.keys.shape[2] > 0:
+        values.append(far.values.repeat_interleave(rep, 1).float())
+    middle = None if far is None else far.middle
+    if middle is not None:
         km = middle.keys.repeat_interleave(rep, 1).float()
-        mscores = _capped((qg.float() @ km.transpose(-1, -2)) * scaling, softcap)
+        mscores = _capped((qg @ km.transpose(-1, -2)) * scaling, softcap)
         mi = middle.idx[:, None, None, :]
-        if alibi is not None:
-            mscores = mscores + alibi.far_bias(qi, mi, (1, H))
+        bias = far.bias(qi, mi, (1, H))
+        if bias is not None:
+            mscores = mscores + bias
         mscores = mscores.masked_fill(~middle_rule(qi, mi, n_global, n_local), float("-inf"))
         # The k best middle keys of each query and head; among equal scores the earlier key wins.
         order = mscores.sort(dim=-1, descending=True, stable=True).indices[..., : middle.top_k]

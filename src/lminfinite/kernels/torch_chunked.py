@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..rule import global_rule, local_rule
-from . import topk
+from ..positions import Alibi
+from ..rule import local_rule
+from .common import NEG, Far, candidates, global_piece, merge
 
-_NEG = torch.finfo(torch.float32).min  # finite: a padding query gets no NaN
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -54,53 +54,32 @@ def _contiguous_from(k_idx, q_idx, n_local, n_candidates) -> int | None:
 
 
 def attention(
-    q,
-    k,
-    v,
-    q_idx,
-    k_idx,
-    qg,
-    kg,
-    vg,
-    g_idx,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    far: Far | None = None,
     *,
-    n_global,
-    n_local,
-    scaling,
-    softcap=None,
-    block_size=None,
-    alibi=None,
-    middle=None,
+    n_global: int,
+    n_local: int,
+    scaling: float,
+    softcap: float | None = None,
+    block_size: int | None = None,
+    alibi: Alibi | None = None,
 ) -> torch.Tensor:
+    """The contract of `kernels/__init__.py`, in blocks of queries (band path or masked path)."""
     Tq, rep = q.shape[2], q.shape[1] // k.shape[1]
     plain = softcap is None and alibi is None
     if plain and _is_plain_causal(q_idx, k_idx, n_local):
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=rep > 1)
-    far = Far(qg, kg, vg, g_idx, middle, alibi, softcap)
+    far = far if far else None
     if softcap is None and _FUSED is not None and q.device.type == "cpu" and n_local > 1 and q.dtype == v.dtype:
-        c0 = _contiguous_from(k_idx, q_idx, n_local, far.n_candidates)
+        c0 = _contiguous_from(k_idx, q_idx, n_local, candidates(far))
         if c0 is not None:
             slopes = None if alibi is None else alibi.slopes.to(device=q.device, dtype=torch.float32)
             return _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size, slopes)
     return _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi, block_size)
-
-
-class Far:
-    """The keys a query sees at distance D: the starting keys (global branch) and, with top-k, its
-    best middle keys. `qg` holds the queries re-rotated to D."""
-
-    def __init__(self, qg, kg, vg, g_idx, middle, alibi, softcap):
-        self.qg, self.kg, self.vg, self.g_idx, self.softcap = qg, kg, vg, g_idx, softcap
-        self.n_candidates = kg.shape[2] if qg is not None and kg is not None else 0
-        self.middle = middle if qg is not None and middle is not None and middle.keys.shape[2] > 0 else None
-        self.alibi = alibi
-
-    def __bool__(self) -> bool:
-        return self.n_candidates > 0 or self.middle is not None
-
-    def bias(self, q_idx, k_idx, head_shape):
-        """ALiBi bias of far keys `k_idx` for queries `q_idx` (None without ALiBi)."""
-        return None if self.alibi is None else self.alibi.far_bias(q_idx, k_idx, head_shape).to(self.qg.device)
 
 
 # ---------------------------------------------------------------------------------------------- band path
@@ -119,34 +98,6 @@ def _expand(x, rep):
         return x
     B, Hkv, m, d = x.shape
     return x[:, :, None].expand(B, Hkv, rep, m, d).reshape(B, Hkv * rep, m, d)
-
-
-def global_piece(far: Far, s, e, q_idx_b, n_global, n_local, scaling, rep):
-    """The far keys (starting keys, top-k middle keys) of queries [s, e): (output, log-sum-exp) with
-    -inf where none is seen."""
-    qg_b = far.qg[:, :, s:e]
-    B, H, n, _ = qg_b.shape
-    Hkv, S = far.kg.shape[1], far.n_candidates
-    scores = (qg_b.reshape(B, Hkv, rep * n, -1).float() @ far.kg.float().transpose(-1, -2)).view(B, H, n, S) * scaling
-    if far.softcap is not None:
-        scores = far.softcap * torch.tanh(scores / far.softcap)
-    qi = q_idx_b[:, None, :, None]
-    bias = far.bias(qi, far.g_idx[:, None, None, :], (1, H))
-    if bias is not None:
-        scores = scores + bias
-    allowed = global_rule(q_idx_b[:, :, None], far.g_idx[:, None, :], n_global, n_local)
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    if far.middle is not None:
-        top_scores, top_values = topk.select(
-            qg_b, far.middle, q_idx_b, n_global, n_local, scaling, rep, far.softcap, far.alibi
-        )
-        scores = torch.cat([scores, top_scores], dim=-1)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.clamp(min=_NEG)[..., None])
-    out = (probs[..., :S].to(far.vg.dtype).reshape(B, Hkv, rep * n, S) @ far.vg).view(B, H, n, -1)
-    if far.middle is not None:
-        out = out + (probs[..., S:, None] * top_values.float()).sum(-2).to(out.dtype)
-    return out, lse
 
 
 def _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size, slopes=None):
@@ -222,17 +173,6 @@ class _KeyBias:
         return self.slopes[None, :, None] * torch.arange(n, device=self.slopes.device, dtype=torch.float32)
 
 
-def merge(pieces):
-    """Exact softmax over the union of the pieces' keys, from each piece's output and log-sum-exp."""
-    if len(pieces) == 1:
-        return pieces[0][0]
-    lses = torch.stack([lse.float() for _, lse in pieces])
-    total = torch.logsumexp(lses, dim=0)
-    weights = torch.exp(lses - total.clamp(min=_NEG))  # 0, not NaN, where no piece has a key
-    out = sum(o.float() * w[..., None] for (o, _), w in zip(pieces, weights, strict=True))
-    return out.to(pieces[0][0].dtype)
-
-
 # -------------------------------------------------------------------------------------------- masked path
 
 
@@ -242,7 +182,7 @@ def _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap
     rep = H // Hkv
     offset = Tk - Tq  # key column of query t is t + offset
     # About 32M float32 scores per block at most, and a block no longer than the window.
-    bq = block_size or max(16, min(n_local, 32 * 2**20 // max(1, H * (n_local + far.n_candidates))))
+    bq = block_size or max(16, min(n_local, 32 * 2**20 // max(1, H * (n_local + candidates(far)))))
 
     # (B, Hkv, rep, T, d) views: heads grouped by the kv head they read. Logits are taken in float32
     # (like the naive reference), so bf16/fp16 inputs are not rounded before the softmax.
@@ -261,10 +201,10 @@ def _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap
             scores = scores + alibi.bias((qi - ki)[:, None, None], (1, Hkv, rep))
         scores = scores.masked_fill(~local_rule(qi, ki, n_local)[:, None, None], float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.clamp(min=_NEG)[..., None]).to(v.dtype)
+        probs = torch.exp(scores - lse.clamp(min=NEG)[..., None]).to(v.dtype)
         ob = (probs.reshape(B, Hkv, rep * n, hi - lo) @ v[:, :, lo:hi]).view(B, H, n, dv)
         pieces = [(ob, lse.view(B, H, n))]
         if far:
-            pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, scaling, rep))
+            pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, scaling, rep, softcap))
         out[:, :, s:e] = merge(pieces)
     return out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)
