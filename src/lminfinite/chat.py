@@ -17,8 +17,8 @@ How a turn works. The chat template renders the conversation; each `send()` pref
 text (the rendering of the new user message and the generation prompt, plus whatever the template
 puts after the previous answer, e.g. ChatML's newline after `<|im_end|>`), computed as the
 difference between the rendering with the new message and the text already in the cache. The
-answer's tokens -- the end-of-turn token included (`<|im_end|>` for ChatML) -- go into the cache,
-so the next turn continues it. The cache keeps the first `n_global` tokens and the last `n_local`,
+answer's tokens -- the end-of-turn token included (`<|im_end|>` for ChatML) -- go into the cache
+(the last one with the next message's prefill, or at `flush()`), so the next turn continues it. The cache keeps the first `n_global` tokens and the last `n_local`,
 so memory is constant however long the conversation (only the last exchange and the first one are
 kept as text, to render the next turn).
 
@@ -202,6 +202,15 @@ class Chat:
         self._active = self._answer(text, ids)
         return self._active
 
+    def flush(self) -> None:
+        """Feed the last answer's final token (its end-of-turn token) into the cache now, rather than with
+        the next message: afterwards the cache holds the whole conversation."""
+        self._close_active()
+        if self._broken:
+            raise ChatError(f"the conversation's cache is unusable ({self._broken}); call reset() to start over")
+        if self._unfed is not None:
+            self._forward([self._unfed])
+
     def reset(self) -> None:
         """Forget the conversation: an empty cache, no history."""
         self._close_active()
@@ -218,7 +227,12 @@ class Chat:
         self._broken: str | None = None
 
     def stats(self) -> dict:
-        """Turns, tokens seen, the cache's size (columns per layer, bytes) and the last turn's figures."""
+        """Turns, tokens seen, the cache's size (columns per layer, bytes) and the last turn's figures.
+
+        An answer still being streamed is stopped first (as by Ctrl-C). `tokens_seen` counts the tokens
+        fed to the cache; the last answer's final token (its end-of-turn token) is fed with the next
+        message, or by `flush()`."""
+        self._close_active()
         return {
             "turns": self.turns,
             "tokens_seen": self.tokens_seen,
@@ -313,6 +327,8 @@ class Chat:
         first_token = None
         stop: int | None = None
         started = False
+        if self._unfed is not None:  # the previous answer's last token (its end-of-turn token) goes in first
+            ids = [self._unfed, *ids]
         try:
             with _held_interrupt():  # the prompt goes in whole, and the conversation's text with it
                 logits = self._forward(ids)
@@ -325,10 +341,10 @@ class Chat:
                 self.answer_text, self._answer_ended = "", False
                 self.turns += 1
                 started = True
-            while self.max_new_tokens is None or len(answer) < self.max_new_tokens:
+            while True:
                 token = _pick(logits, temperature, top_k, top_p, self.generator) if do_sample else int(logits.argmax())
                 first_token = first_token or time.perf_counter()
-                self._unfed = token
+                self._unfed = token  # fed by the next step, or with the next message
                 if token in self.stop_ids:
                     stop = token
                     break
@@ -339,11 +355,18 @@ class Chat:
                 if len(now) > len(before) and not now.endswith("\ufffd"):
                     prefix_at, read_at = read_at, len(answer)
                     yield now[len(before) :]
+                if self.max_new_tokens is not None and len(answer) >= self.max_new_tokens:
+                    break
                 logits = self._forward([token])
+            rest = self.tokenizer.decode(answer[prefix_at:], skip_special_tokens=True)[
+                len(self.tokenizer.decode(answer[prefix_at:read_at], skip_special_tokens=True)) :
+            ]
+            if rest:
+                yield rest
         finally:
+            # No model forward here (this may run when the generator is garbage-collected): the token chosen
+            # last is fed at the start of the next turn, or by flush().
             if started:
-                if self._unfed is not None and not self._broken:
-                    self._forward([self._unfed])  # the end-of-turn token, or the last token before a stop
                 self._finish_turn(answer, stop, start, first_token, len(ids))
 
     def _finish_turn(self, answer: list[int], stop: int | None, start: float, first: float | None, prompt: int) -> None:
