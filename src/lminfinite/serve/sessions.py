@@ -146,7 +146,7 @@ class SessionStore:
         return Match(s, new_ids, kind)
 
     def create(self, namespace: str, cache) -> Session:
-        s = Session(next(self._ids), namespace, cache, busy=True)
+        s = Session(next(self._ids), namespace, cache, busy=True, bytes=int(cache.memory_bytes()))
         self._sessions[s.id] = s
         self.evict()
         return s

@@ -1,0 +1,312 @@
+"""Serve under load, on loopback: throughput and time to first token at 1, 4 and 16 concurrent clients, and the
+latency of turn k of a long conversation with session reuse vs a server that re-prefills the whole history.
+
+Each server is `lminfinite serve` in its own process on 127.0.0.1 (a free port); the clients are the official
+`openai` async client in this process. Bounded: a fixed number of requests per client and a time limit per
+phase (whatever finished by then is counted).
+
+1. load: C clients (C = 1, 4, 16), each sending `--requests` streaming chat requests one after the other
+   (fresh conversations, greedy, `--max-tokens` tokens with ignore_eos so every answer has the same length):
+   requests/s, generated tokens/s, p50/p95 time to first token, p50 request latency.
+2. conversation: one client, `--turns` turns (or until the history passes `--history-mult` x n_local tokens),
+   greedy answers of `--turn-tokens` tokens, against the server with session reuse and against one started with
+   `--no-session-reuse`: latency and time to first token of every turn, prompt and prefilled tokens.
+3. reuse rate: the same conversation with sampled answers (temperature 0.8, a seed) on the reuse server: how
+   many turns continued their session by token prefix, by text splice, or missed.
+
+    python benchmarks/serve_load.py [--model stories260K] [--n-local 128] [--clients 1,4,16] [--requests 4]
+        [--max-tokens 32] [--turns 60] [--history-mult 10] [--turn-tokens 16] [--phase-seconds 240]
+
+Writes benchmarks/results/serve_load.json and serve_load.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from common import RESULTS, environment
+from openai import AsyncOpenAI, OpenAI
+
+from lminfinite.serve.metrics import parse_metrics
+
+KEY = "bench-key"
+USER_LINES = [
+    "Tell me a story about a cat.",
+    "What did the cat find in the garden?",
+    "Was the dog happy?",
+    "Why did Lily cry?",
+    "Where is the red ball?",
+    "Then the sun came out and they played.",
+    "What did mom say?",
+    "Say something nice to Tom.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`lminfinite serve` in a subprocess on 127.0.0.1."""
+
+    def __init__(self, args, reuse: bool):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "lminfinite.cli", "serve", "--model", args.model, "--port", str(self.port)]
+        cmd += ["--n-global", str(args.n_global), "--n-local", str(args.n_local), "--api-key", KEY]
+        cmd += ["--max-concurrency", str(max(args.clients) + 4), "--max-tokens-cap", "4096", "--log-level", "warning"]
+        cmd += [] if reuse else ["--no-session-reuse"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start in 300 s")
+            time.sleep(0.3)
+        self.model = OpenAI(base_url=f"{self.url}/v1", api_key=KEY).models.list().data[0].id
+
+    def metrics(self) -> dict:
+        return parse_metrics(httpx.get(f"{self.url}/metrics").text)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+async def one_request(client: AsyncOpenAI, model: str, messages: list[dict], max_tokens: int, **kw) -> dict:
+    """Stream one chat completion: time to first token, latency, content, usage."""
+    start = time.perf_counter()
+    first, parts, usage = None, [], None
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        **kw,
+    )
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            parts.append(chunk.choices[0].delta.content)
+    end = time.perf_counter()
+    return {
+        "ttft_s": (first or end) - start,
+        "latency_s": end - start,
+        "content": "".join(parts),
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.prompt_tokens_details.cached_tokens,
+    }
+
+
+async def load_phase(server: Server, clients: int, args) -> dict:
+    client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=args.phase_seconds)
+    deadline = time.perf_counter() + args.phase_seconds
+    done: list[dict] = []
+
+    async def worker(w: int) -> None:
+        for i in range(args.requests):
+            if time.perf_counter() > deadline:
+                return
+            messages = [{"role": "user", "content": f"{USER_LINES[(w + i) % 8]} (client {w}, request {i})"}]
+            kw = dict(temperature=0, extra_body={"ignore_eos": True})
+            done.append(await one_request(client, server.model, messages, args.max_tokens, **kw))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(clients)))
+    wall = time.perf_counter() - start
+    await client.close()
+    ttft = [r["ttft_s"] for r in done]
+    tokens = sum(r["completion_tokens"] for r in done)
+    return {
+        "phase": "load",
+        "clients": clients,
+        "requests": len(done),
+        "seconds": round(wall, 3),
+        "requests_per_s": round(len(done) / wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+        "ttft_p50_s": round(pct(ttft, 0.5), 4),
+        "ttft_p95_s": round(pct(ttft, 0.95), 4),
+        "latency_p50_s": round(pct([r["latency_s"] for r in done], 0.5), 4),
+    }
+
+
+async def conversation(server: Server, args, label: str, sampled: bool = False) -> list[dict]:
+    client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=args.phase_seconds)
+    deadline = time.perf_counter() + args.phase_seconds
+    history: list[dict] = []
+    rows = []
+    kw = dict(temperature=0.8, seed=1234) if sampled else dict(temperature=0)
+    for turn in range(args.turns):
+        if time.perf_counter() > deadline:
+            break
+        history.append({"role": "user", "content": USER_LINES[turn % len(USER_LINES)]})
+        before = server.metrics()
+        r = await one_request(client, server.model, history, args.turn_tokens, **kw)
+        after = server.metrics()
+        history.append({"role": "assistant", "content": r.pop("content")})
+        lookups = {
+            k: after[f'lminfinite_session_lookups_total{{result="{k}"}}']
+            - before[f'lminfinite_session_lookups_total{{result="{k}"}}']
+            for k in ("token_prefix", "text_splice", "miss", "new", "disabled")
+        }
+        r.update(
+            server=label,
+            turn=turn + 1,
+            prefilled_tokens=int(
+                after["lminfinite_prefilled_tokens_total"] - before["lminfinite_prefilled_tokens_total"]
+            ),
+            lookup=max(lookups, key=lookups.get),
+            server_rss_mb=round(after["lminfinite_process_resident_memory_bytes"] / 2**20, 1),
+            cache_bytes=int(after["lminfinite_cache_bytes"]),
+        )
+        rows.append(r)
+        if r["prompt_tokens"] + r["completion_tokens"] > args.history_mult * args.n_local and turn + 1 >= 8:
+            break
+    await client.close()
+    return rows
+
+
+def summarize_turns(rows: list[dict], n_local: int) -> dict:
+    """Mean latency over the first turns (history < n_local) and the last ones (history past 10x n_local)."""
+    short = [r["latency_s"] for r in rows[1:] if r["prompt_tokens"] < n_local]
+    long = [r["latency_s"] for r in rows if r["prompt_tokens"] >= 8 * n_local]
+    return {
+        "turns": len(rows),
+        "last_prompt_tokens": rows[-1]["prompt_tokens"],
+        "latency_short_history_s": round(statistics.mean(short), 4) if short else None,
+        "latency_long_history_s": round(statistics.mean(long), 4) if long else None,
+        "prefilled_last_turn": rows[-1]["prefilled_tokens"],
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    load = result["load"]
+    c = [r["clients"] for r in load]
+    ax = axes[0]
+    ax.plot(c, [r["tokens_per_s"] for r in load], "o-", label="generated tokens/s")
+    ax.plot(c, [r["requests_per_s"] * 10 for r in load], "s--", label="requests/s x10")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_title("throughput")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(c, [r["ttft_p50_s"] for r in load], "o-", label="p50")
+    ax.plot(c, [r["ttft_p95_s"] for r in load], "s--", label="p95")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("seconds")
+    ax.set_title("time to first token")
+    ax.legend()
+    ax = axes[2]
+    for label, style in (("session reuse", "o-"), ("no session reuse", "s--")):
+        rows = [r for r in result["conversation"] if r["server"] == label]
+        ax.plot([r["prompt_tokens"] for r in rows], [r["latency_s"] for r in rows], style, ms=3, label=label)
+    ax.axvline(result["config"]["n_local"], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("history length (prompt tokens)")
+    ax.set_ylabel("turn latency (s)")
+    ax.set_title(f"long conversation, {result['config']['turn_tokens']} tokens per answer")
+    ax.legend()
+    cfg = result["config"]
+    fig.suptitle(f"lminfinite serve: {cfg['model']}, G={cfg['n_global']}, L={cfg['n_local']}, loopback")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="stories260K")
+    p.add_argument("--n-global", type=int, default=4)
+    p.add_argument("--n-local", type=int, default=128)
+    p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--requests", type=int, default=4, help="requests per client in the load phase")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer in the load phase")
+    p.add_argument("--turns", type=int, default=60, help="most turns of the conversation")
+    p.add_argument("--history-mult", type=float, default=10, help="stop the conversation past this x n_local")
+    p.add_argument("--turn-tokens", type=int, default=16, help="tokens per answer in the conversation")
+    p.add_argument("--phase-seconds", type=float, default=240, help="time limit of each phase")
+    p.add_argument("--out", default=str(RESULTS / "serve_load"), help="path without extension for .json and .png")
+    args = p.parse_args(argv)
+    args.clients = [int(c) for c in args.clients.split(",")]
+
+    result = {"benchmark": "serve_load", "environment": environment(), "config": {**vars(args)}}
+    start = time.perf_counter()
+    server = Server(args, reuse=True)
+    try:
+        result["load"] = []
+        for clients in args.clients:
+            row = asyncio.run(load_phase(server, clients, args))
+            print(json.dumps(row), flush=True)
+            result["load"].append(row)
+        reuse_rows = asyncio.run(conversation(server, args, "session reuse"))
+        sampled = asyncio.run(conversation(server, args, "session reuse, sampled", sampled=True))
+    finally:
+        server.stop()
+    server = Server(args, reuse=False)
+    try:
+        baseline_rows = asyncio.run(conversation(server, args, "no session reuse"))
+    finally:
+        server.stop()
+    result["conversation"] = reuse_rows + baseline_rows
+    result["sampled_conversation"] = sampled
+    later = sampled[1:]
+    result["reuse_rate"] = {
+        "greedy": sum(r["lookup"] in ("token_prefix", "text_splice") for r in reuse_rows[1:])
+        / max(1, len(reuse_rows) - 1),
+        "sampled": sum(r["lookup"] in ("token_prefix", "text_splice") for r in later) / max(1, len(later)),
+        "sampled_by_kind": {k: sum(r["lookup"] == k for r in later) for k in ("token_prefix", "text_splice", "miss")},
+    }
+    result["summary"] = {
+        "session reuse": summarize_turns(reuse_rows, args.n_local),
+        "no session reuse": summarize_turns(baseline_rows, args.n_local),
+    }
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({"summary": result["summary"], "reuse_rate": result["reuse_rate"]}, indent=1))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
