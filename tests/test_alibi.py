@@ -15,7 +15,7 @@ from conftest import assert_greedy_equals_naive_recomputation
 
 import lminfinite
 from lminfinite import LambdaCache
-from lminfinite.attention import ALIBI_NAME
+from lminfinite.alibi import ALIBI_NAME
 
 V = 101
 CONFIGS = {
@@ -128,12 +128,14 @@ def test_mpt_runs_past_its_bias_table():
 def test_slopes_are_the_models_own():
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
-    from lminfinite.alibi import slopes
+    from lminfinite.families import family_of
 
     bloom = alibi_model("bloom")
-    torch.testing.assert_close(slopes(bloom.base_model, "bloom"), _get_alibi_slopes(4, torch.device("cpu")))
+    slopes = family_of(bloom).alibi.slopes(bloom.base_model)
+    torch.testing.assert_close(slopes, _get_alibi_slopes(4, torch.device("cpu")))
     mpt = alibi_model("mpt")
-    torch.testing.assert_close(slopes(mpt.base_model, "mpt"), torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]))
+    slopes = family_of(mpt).alibi.slopes(mpt.base_model)
+    torch.testing.assert_close(slopes, torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]))
 
 
 def test_falcon_alibi_refused():
@@ -192,11 +194,11 @@ def test_an_enabled_model_is_not_kept_alive():
     import gc
     import weakref
 
-    from lminfinite.attention import ALIBI_STATES
+    from lminfinite.alibi import _STATES
 
     model = lminfinite.enable(alibi_model("mpt"), n_global=2, n_local=16)
     alive, key = weakref.ref(model), id(model.config)
-    assert ALIBI_STATES[key] is model._lminfinite
+    assert _STATES[key] is model._lminfinite
     del model
     gc.collect()
-    assert alive() is None and key not in ALIBI_STATES
+    assert alive() is None and key not in _STATES

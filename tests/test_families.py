@@ -27,7 +27,8 @@ from conftest import assert_greedy_equals_naive_recomputation
 import lminfinite
 from lminfinite import LambdaCache
 from lminfinite.config import pretraining_length
-from lminfinite.positions import TableRope, find_rope, layer_rope, layer_window
+from lminfinite.families import family_of, rope_of
+from lminfinite.positions import TableRope, layer_rope, layer_window
 
 V = 101
 COMMON = dict(
@@ -119,6 +120,10 @@ def family_model(family: str, layers: int = 2, seed: int = 0):
     return model.float().eval()
 
 
+def _rope(model):
+    return rope_of(model.base_model, family_of(model))
+
+
 def _logits(model, ids, **kwargs):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False, **kwargs).logits
@@ -146,20 +151,20 @@ def _ids(n, seed):
     ],
 )
 def test_find_rope_style_and_rotated_width(family, style, rotated):
-    rope = find_rope(family_model(family).base_model)
+    rope = _rope(family_model(family))
     assert rope.style == style and 2 * rope.inv_freq.numel() == rotated
 
 
 def test_gemma3_global_branch_uses_full_attention_frequencies():
     model = family_model("gemma3")
-    rope = find_rope(model.base_model)
+    rope = _rope(model)
     torch.testing.assert_close(rope.inv_freq, model.base_model.rotary_emb.full_attention_inv_freq)
     assert not torch.allclose(rope.inv_freq, model.base_model.rotary_emb.sliding_attention_inv_freq)
 
 
 def test_gemma3_each_layer_type_gets_its_own_frequencies():
     model = family_model("gemma3_wide_window")
-    rotary, rope = model.base_model.rotary_emb, find_rope(model.base_model)
+    rotary, rope = model.base_model.rotary_emb, _rope(model)
     sliding, full = (layer.self_attn for layer in model.base_model.layers)
     torch.testing.assert_close(layer_rope(rope, sliding).inv_freq, rotary.sliding_attention_inv_freq)
     torch.testing.assert_close(layer_rope(rope, full).inv_freq, rotary.full_attention_inv_freq)
@@ -168,14 +173,14 @@ def test_gemma3_each_layer_type_gets_its_own_frequencies():
 
 def test_nope_layers_have_no_rope():
     model = family_model("smollm3")
-    rope = find_rope(model.base_model)
+    rope = _rope(model)
     with_rope, without = (layer.self_attn for layer in model.base_model.layers)
     assert layer_rope(rope, with_rope) is rope and layer_rope(rope, without) is None
 
 
 def test_table_rope_frequencies_match_the_table():
     model = family_model("gptj")
-    rope = find_rope(model.base_model)
+    rope = _rope(model)
     assert isinstance(rope, TableRope)
     cos, sin = rope.cos_sin(torch.arange(32)[None])
     table = model.base_model.rotary_emb.embed_positions  # (sin | cos) per position
@@ -404,3 +409,49 @@ def test_e_top_k_cached_stream_equals_recomputation(family):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     lminfinite.enable(model, n_global=G, n_local=L)
     assert (_logits(model, ids) - ref).abs().max() > 1e-3  # the middle keys were attended
+
+
+# --------------------------------------------------------------------------------------- the table
+
+
+def test_every_supported_family_of_the_table_has_a_test_config():
+    """Adding a family is an entry in families.FAMILIES and a config in a test matrix (here, or the ALiBi
+    one in test_alibi.py, or the Llama of tests/helpers.py)."""
+    from test_alibi import CONFIGS as ALIBI_CONFIGS
+
+    from lminfinite.families import FAMILIES
+
+    tested = {make(1).model_type for make in [*CONFIGS.values(), *ALIBI_CONFIGS.values()]} | {"llama"}
+    supported = {name for name, family in FAMILIES.items() if family.positions in ("rope", "alibi")}
+    assert supported <= tested, f"families without a test config: {sorted(supported - tested)}"
+    assert {name for name, family in FAMILIES.items() if family.interleaved} == {"gptj", "codegen", "cohere"}
+
+
+def test_a_model_type_not_in_the_table_is_tried_by_looking():
+    """StarCoder2 is not in the table: its attention modules route through the AttentionInterface and it
+    has a rotary embedding, so the fallback accepts it, and the chunked kernel equals the naive one."""
+    from lminfinite.families import FAMILIES
+
+    config = transformers.Starcoder2Config(**COMMON, num_hidden_layers=2)
+    assert config.model_type not in FAMILIES
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = _ids(80, 12)
+    lminfinite.enable(model, n_global=2, n_local=16, backend="naive")
+    ref = _logits(model, ids)
+    lminfinite.enable(model, n_global=2, n_local=16)
+    assert model._lminfinite.layer_ropes[0].style == "half"
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
+    lminfinite.disable(model)
+    assert (_logits(model, ids) - ref).abs().max() > 1e-3
+
+
+def test_a_family_entry_must_be_consistent():
+    from lminfinite.families import Family
+
+    with pytest.raises(ValueError, match="adapter"):
+        Family("alibi")
+    with pytest.raises(ValueError, match="reason"):
+        Family("refused")
+    with pytest.raises(ValueError, match="positions kind"):
+        Family("nope")

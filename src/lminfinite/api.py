@@ -1,4 +1,4 @@
-"""The public entry points: enable(), disable(), and helpers for long inputs.
+"""The public entry points enable(), disable() and is_enabled(): Λ-attention on a model, in place.
 
 `enable(model)` switches a transformers model to Λ-attention in place: it registers the attention
 function, tags each attention layer with the shared state, installs the per-forward pre-hook on
@@ -7,45 +7,15 @@ the decoder and selects `attn_implementation="lm_infinite"`. `disable(model)` un
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 from torch import nn
 
-from . import alibi
-from .attention import ALIBI_NAME, NAME, register
+from . import alibi, families
+from .attention import NAME, register
 from .config import LambdaConfig, pretraining_length
 from .context import LambdaState, make_pre_hook, post_hook
-from .positions import Alibi, find_rope, install_rope_hooks, layer_rope
-
-# Architectures whose positions are absolute: LM-Infinite does not apply to them.
-ABSOLUTE_POSITION_TYPES = {
-    "gpt2",
-    "opt",
-    "bert",
-    "roberta",
-    "gpt_bigcode",
-    "biogpt",
-    "xglm",
-    "ctrl",
-    "transfo-xl",
-    "distilbert",
-    "electra",
-    "xlm",
-    "openai-gpt",
-    "gpt_neo",
-    "imagegpt",
-}
-
-# Relative-position architectures whose attention needs more than the Λ kernels do today, refused with the reason.
-UNSUPPORTED_TYPES = {
-    "gpt_oss": "its learned attention sinks (`s_aux`) are not part of the Λ kernels",
-    "deepseek_v2": "its multi-head latent attention rotates the trailing dimensions of each head, not the leading ones",
-    "deepseek_v3": "its multi-head latent attention rotates the trailing dimensions of each head, not the leading ones",
-    "llama4_text": "its complex-valued RoPE, chunked attention and NoPE temperature tuning are not handled",
-    "llama4": "its complex-valued RoPE, chunked attention and NoPE temperature tuning are not handled",
-    "cohere2": "its full-attention layers have no RoPE while sharing the rotary module (not yet told apart)",
-}
+from .positions import Alibi, install_rope_hooks, layer_rope
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -56,59 +26,6 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
     return [m for m in decoder.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
-
-
-def _uses_alibi(config) -> bool:
-    """Whether a config declares ALiBi (Bloom, MPT's `attn_config.alibi`, Falcon's `alibi`)."""
-    attn_config = getattr(config, "attn_config", None)
-    return (
-        getattr(config, "model_type", None) in alibi.FAMILIES  # MPT, Bloom: routed by a narrow hook
-        or bool(getattr(config, "alibi", False))
-        or bool(getattr(attn_config, "alibi", False))
-    )
-
-
-def _routes_attention_interface(module: nn.Module) -> bool:
-    """Whether an attention layer's forward looks its attention function up in transformers'
-    AttentionInterface (`ALL_ATTENTION_FUNCTIONS`); class flags such as `_supports_sdpa` do not tell
-    (Falcon sets it and computes attention itself)."""
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in source
-
-
-def _check_architecture(model: nn.Module, rope) -> None:
-    """Refuse, with the reason, a model LM-Infinite cannot be applied to through the attention function."""
-    model_type = getattr(model.config, "model_type", "?")
-    name = f"{type(model).__name__} ({model_type})"
-    if model_type in ABSOLUTE_POSITION_TYPES:
-        raise ValueError(
-            f"{name} uses absolute position embeddings; LM-Infinite needs a model "
-            "with relative positions (RoPE or ALiBi): its distance cap has no meaning for absolute positions"
-        )
-    if _uses_alibi(model.config):
-        if model_type in alibi.FAMILIES:
-            alibi.check(model)
-            return
-        raise ValueError(
-            f"{name}: ALiBi is supported for MPT and Bloom only: this model adds its ALiBi biases inside its "
-            "own attention code, which lminfinite does not adapt"
-        )
-    if model_type in UNSUPPORTED_TYPES:
-        raise ValueError(f"{name} is not supported yet: {UNSUPPORTED_TYPES[model_type]}")
-    modules = _attention_modules(_decoder(model))
-    if not modules or not all(_routes_attention_interface(m) for m in modules):
-        raise ValueError(
-            f"{name} does not route attention through transformers' AttentionInterface, "
-            "so lminfinite cannot plug into it"
-        )
-    if rope is None:
-        raise ValueError(
-            f"{name} has no rotary embedding that lminfinite recognises; "
-            "LM-Infinite needs relative positions (RoPE or ALiBi)"
-        )
 
 
 def _warn_if_beyond_pretraining(config, n_local: int) -> None:
@@ -148,8 +65,9 @@ def enable(
     Calling it again reconfigures; training mode is allowed (the kernels are differentiable).
     """
     decoder = _decoder(model)
-    rope = find_rope(decoder)
-    _check_architecture(model, rope)
+    family = families.family_of(model)
+    rope = families.rope_of(decoder, family)
+    families.check(model, family, _attention_modules(decoder), rope)
     if n_local is None:
         n_local = pretraining_length(model.config)
     else:
@@ -188,12 +106,11 @@ def enable(
         module._lminfinite = state
     state.handles.append(decoder.register_forward_pre_hook(make_pre_hook(state, decoder), with_kwargs=True))
     state.handles.append(decoder.register_forward_hook(post_hook, with_kwargs=True))
-    model_type = getattr(model.config, "model_type", None)
-    if model_type in alibi.FAMILIES:
+    if family is not None and family.alibi is not None:
         sinks = config.sink_positions == "own"
-        state.alibi = Alibi(alibi.slopes(decoder, model_type), config.limit_distance, sinks=sinks)
-        state.handles.extend(alibi.install(state, model.config, model_type))
-        model.config._attn_implementation = ALIBI_NAME  # they refuse set_attn_implementation; only masks read it
+        state.alibi = Alibi(family.alibi.slopes(decoder), config.limit_distance, sinks=sinks)
+        state.handles.extend(alibi.install(state, model.config, family.alibi))
+        model.config._attn_implementation = alibi.ALIBI_NAME  # they refuse set_attn_implementation
     else:
         state.handles.extend(install_rope_hooks(rope))
         with warnings.catch_warnings():

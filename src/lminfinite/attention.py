@@ -2,17 +2,16 @@
 
 `lambda_attention_forward` has the signature of transformers' attention functions (see
 `integrations/sdpa_attention.py`): it receives the layer's rotated queries and its keys/values
-(cache included) and returns (batch, q_len, heads, head_dim). It reads the forward's token indices
-from the context set by the pre-hook (`context.py`), prepares the global branch (queries re-rotated
-to distance D, starting keys back to position 0) and calls the kernel chosen by the backend.
+(cache included) and returns (batch, q_len, heads, head_dim). It reads the forward's plan built by
+the pre-hook (`context.py`, `plan.py`), assembles the far keys as one `kernels.common.Far` (queries
+moved to distance D, starting keys back to position 0, the top-k middle) and calls the kernel of the
+configured backend (`kernels/`). ALiBi models reach it through their adapters (`alibi.py`).
 
 The mask function registered for "lm_infinite" returns None: the Λ structure is derived from
 token indices inside the kernels, in O(n), and no (q_len, k_len) mask is ever built here.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -26,13 +25,6 @@ from .plan import ForwardPlan
 from .positions import Alibi, Rope, layer_window
 
 NAME = "lm_infinite"
-# ALiBi models (MPT, Bloom) compute attention themselves (see alibi.py) but still build a mask: under this
-# name they get an O(1) placeholder (MPT calls `.to(torch.bool)` on it) instead of a (q_len, k_len) mask.
-# The placeholder carries the forward's context down to their attention modules (their blocks pass no
-# other per-forward argument), so a layer re-run by gradient checkpointing sees its own forward.
-ALIBI_NAME = "lm_infinite_alibi"
-# id(model config) -> LambdaState, for the ALiBi mask function; weak, so a dropped model is not kept alive.
-ALIBI_STATES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def far_keys(
@@ -123,21 +115,10 @@ def lambda_mask(*args, **kwargs) -> None:
     return None
 
 
-def alibi_mask(*args, config=None, **kwargs) -> torch.Tensor:
-    """Mask function for ALiBi models: an O(1) placeholder, carrying the current forward's context."""
-    placeholder = torch.zeros((), dtype=torch.bool)
-    state = ALIBI_STATES.get(id(config))
-    setattr(placeholder, CTX_KWARG, None if state is None else state.plan)
-    return placeholder
-
-
 def register() -> None:
-    """Register "lm_infinite" (and "lm_infinite_alibi") with transformers' attention and mask
-    interfaces (idempotent)."""
+    """Register "lm_infinite" with transformers' attention and mask interfaces (idempotent)."""
     AttentionInterface.register(NAME, lambda_attention_forward)
     AttentionMaskInterface.register(NAME, lambda_mask)
-    AttentionInterface.register(ALIBI_NAME, lambda_attention_forward)
-    AttentionMaskInterface.register(ALIBI_NAME, alibi_mask)
 
 
 register()

@@ -13,7 +13,7 @@ Rotations are pure (cos, sin) rotations: a RoPE variant that scales cos/sin by a
 What differs between families, and where it is handled here:
 
 - pairing of dimensions: "half" (rotate_half: Llama, NeoX, Qwen, Gemma, Phi...) or "interleaved"
-  (pairs 2i, 2i+1: GPT-J, CodeGen, Cohere), chosen by `find_rope`;
+  (pairs 2i, 2i+1: GPT-J, CodeGen, Cohere), given to `find_rope` by the family table (`families.py`);
 - partial rotary (GPT-NeoX/Pythia, StableLM, Phi, Phi-3 with `partial_rotary_factor`, GPT-J with
   `rotary_dim`): only the leading `2 * len(inv_freq)` dimensions rotate, so the rotated width is
   read from the frequencies and the rest of the head passes through;
@@ -35,9 +35,6 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-
-# Rotary modules (by class name) that pair dimensions 2i, 2i+1 instead of i, i + d/2.
-INTERLEAVED_ROTARY = ("gptj", "codegen", "cohere")
 
 
 @dataclass
@@ -128,11 +125,6 @@ class TableRope(Rope):
         return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
 
 
-def _style(rotary: nn.Module) -> str:
-    name = type(rotary).__name__.lower()
-    return "interleaved" if any(tag in name for tag in INTERLEAVED_ROTARY) else "half"
-
-
 def _per_type_freq_attr(module: nn.Module) -> str | None:
     """The frequency attribute of a rotary module with one set per layer type (Gemma3), else None.
 
@@ -145,16 +137,21 @@ def _per_type_freq_attr(module: nn.Module) -> str | None:
     return present[0] if present else None
 
 
-def find_rope(model: nn.Module) -> Rope | None:
-    """The model's rotary embedding, or None when it has none."""
+def find_rope(model: nn.Module, style: str | None = None) -> Rope | None:
+    """The model's rotary embedding, or None when it has none.
+
+    style: how it pairs dimensions, "half" or "interleaved" (from the family table); None takes each
+    kind's usual pairing ("half" for `inv_freq` modules, "interleaved" for a sin/cos table)."""
+    if style not in (None, "half", "interleaved"):
+        raise ValueError(f"style must be 'half' or 'interleaved', got {style!r}")
     for module in model.modules():
         if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
-            return Rope(rotary=module, style=_style(module))
+            return Rope(rotary=module, style=style or "half")
         freq_attr = _per_type_freq_attr(module)
         if freq_attr is not None:
-            return Rope(rotary=module, style=_style(module), freq_attr=freq_attr)
+            return Rope(rotary=module, style=style or "half", freq_attr=freq_attr)
         if isinstance(getattr(module, "embed_positions", None), torch.Tensor) and hasattr(module, "pos_embd_dim"):
-            return TableRope(rotary=module)
+            return TableRope(rotary=module, style=style or "interleaved")
     return None
 
 
