@@ -214,7 +214,7 @@ def heatmaps(
                 if not torch.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths] if ax is axes[0][0] else [])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_title(method)
     axes[0][0].set_ylabel("depth of the key (0 = start)")
