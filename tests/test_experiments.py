@@ -68,7 +68,9 @@ def test_needle_goes_after_the_sentence_end_nearest_the_depth():
 
 
 @pytest.mark.skipif(not STORIES.is_file(), reason="stories260K asset missing")
-@pytest.mark.parametrize("method", ["vanilla", "lminfinite", "topk", "truncate"])
+@pytest.mark.parametrize(
+    "method", ["lminfinite", *(pytest.param(m, marks=pytest.mark.slow) for m in ("vanilla", "topk", "truncate"))]
+)
 def test_greedy_answer_equals_the_eval_suites_greedy(method):
     from lminfinite.eval.methods import greedy
     from lminfinite.models import load_model
