@@ -82,7 +82,10 @@ class Server:
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not start in 300 s")
             time.sleep(0.3)
-        self.model = OpenAI(base_url=f"{self.url}/v1", api_key=KEY).models.list().data[0].id
+        client = OpenAI(base_url=f"{self.url}/v1", api_key=KEY)
+        self.model = client.models.list().data[0].id
+        # warm-up: the first forwards of a process are slow
+        client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
 
     def metrics(self) -> dict:
         return parse_metrics(httpx.get(f"{self.url}/metrics").text)
@@ -93,6 +96,38 @@ class Server:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGKILL)
+
+
+def raw_decode(args, steps: int = 64) -> dict:
+    """The model's own speed in this process, without the server: one-token forwards through a LambdaCache, in a
+    thread of its own like the server's model worker (on an oversubscribed CPU, torch's intra-op threads make the
+    same forwards in the main thread much slower)."""
+    import threading
+
+    out: list[dict] = []
+    thread = threading.Thread(target=lambda: out.append(_raw_decode(args, steps)))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def _raw_decode(args, steps: int) -> dict:
+    import torch
+
+    import lminfinite
+
+    model, _ = lminfinite.load_model(args.model)
+    lminfinite.enable(model, n_global=args.n_global, n_local=args.n_local)
+    cache = lminfinite.LambdaCache.for_model(model)
+    with torch.inference_mode():
+        model(input_ids=torch.arange(3, 3 + args.n_local).unsqueeze(0), cache=cache, use_cache=True)
+        for _ in range(8):  # warm-up
+            model(input_ids=torch.tensor([[5]]), cache=cache, use_cache=True)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(input_ids=torch.tensor([[5]]), cache=cache, use_cache=True)
+    seconds = (time.perf_counter() - start) / steps
+    return {"ms_per_token": round(seconds * 1e3, 2), "tokens_per_s": round(1 / seconds, 1)}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -269,6 +304,8 @@ def main(argv=None) -> int:
 
     result = {"benchmark": "serve_load", "environment": environment(), "config": {**vars(args)}}
     start = time.perf_counter()
+    result["raw_decode"] = raw_decode(args)
+    print("raw decode (no server):", json.dumps(result["raw_decode"]), flush=True)
     server = Server(args, reuse=True)
     try:
         result["load"] = []
@@ -298,12 +335,13 @@ def main(argv=None) -> int:
         "session reuse": summarize_turns(reuse_rows, args.n_local),
         "no session reuse": summarize_turns(baseline_rows, args.n_local),
     }
+    result["raw_decode_after"] = raw_decode(args)  # the machine may have changed meanwhile
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
-    print(json.dumps({"summary": result["summary"], "reuse_rate": result["reuse_rate"]}, indent=1))
+    print(json.dumps({k: result[k] for k in ("summary", "reuse_rate", "raw_decode", "raw_decode_after")}, indent=1))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']} s")
     return 0
 

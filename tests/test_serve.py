@@ -407,6 +407,7 @@ BAD_INPUTS = [
     ("stream type", post(body(stream="yes")), 400, "invalid_type", "stream"),
     ("stream_options without stream", post(body(stream_options={})), 400, "invalid_value", "stream_options"),
     ("prompt too long", post(user("ab " * 3000)), 400, "prompt_too_long", "messages"),
+    ("prompt too long to tokenize", post(user("y" * 40000)), 400, "prompt_too_long", "messages"),
     ("body too large", post(user("x" * 60000)), 413, "request_too_large", None),
     ("completion without prompt", post({"model": MODEL}, COMPLETIONS), 400, "missing_required_parameter", "prompt"),
     ("token id outside vocab", post({"model": MODEL, "prompt": [1, 512]}, COMPLETIONS), 400, "invalid_value",

@@ -134,5 +134,8 @@ def run_serve(args) -> int:
         f"lminfinite serve: {config.model_name} (G={args.n_global}, L={args.n_local}) on http://{args.host}:{args.port}/v1"
         f" ({'API key required' if keys else 'no API key'})"
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    # on Ctrl-C, streams still open after 10 s are cancelled (their generation stops with them)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=10
+    )
     return 0

@@ -38,6 +38,7 @@ from .protocol import (
     Limits,
     chat_chunk,
     chat_completion,
+    check_prompt_chars,
     check_prompt_size,
     new_id,
     parse_chat,
@@ -48,7 +49,7 @@ from .protocol import (
 )
 from .scheduler import Engine, Event, Job, Scheduler
 from .sessions import SessionStore
-from .templates import chat_prompt, completion_prompt
+from .templates import chat_prompt, completion_prompt, longest_token_chars
 
 log = logging.getLogger("lminfinite.serve")
 
@@ -105,6 +106,10 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     lam = state.config if state is not None else None
     fingerprint = f"lminfinite-{__version__}" + (f"-G{lam.n_global}-L{lam.n_local}" if lam is not None else "")
     created = int(time.time())
+    longest = longest_token_chars(tokenizer)
+
+    def char_check(param: str):
+        return lambda text: check_prompt_chars(text, config.max_prompt_tokens, longest, param)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -234,11 +239,19 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         try:
             if chat:
                 yield sse(piece("", None, first=True))
+            pending = None
             while True:
-                event = await events.get()
+                event, pending = pending or await events.get(), None
                 if event.kind == "delta":
-                    if event.text:
-                        yield sse(piece(event.text, None))
+                    # pieces that queued up while this stream waited for the event loop go out as one chunk
+                    text = event.text
+                    while not events.empty():
+                        pending = events.get_nowait()
+                        if pending.kind != "delta":
+                            break
+                        text, pending = text + pending.text, None
+                    if text:
+                        yield sse(piece(text, None))
                 elif event.kind == "done":
                     yield sse(piece("", event.finish_reason))
                     if include_usage:
@@ -279,7 +292,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     async def chat_completions(request: Request):
         namespace = authenticate(request)
         req = parse_chat(await read_json(request), config.served_names, limits)
-        prompt = await run_in_threadpool(chat_prompt, tokenizer, req.messages)
+        prompt = await run_in_threadpool(chat_prompt, tokenizer, req.messages, char_check("messages"))
         check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "messages")
         return await run(request, namespace, prompt, req, chat=True)
 
@@ -287,7 +300,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     async def completions(request: Request):
         namespace = authenticate(request)
         req = parse_completion(await read_json(request), config.served_names, limits)
-        prompt = await run_in_threadpool(completion_prompt, tokenizer, req.prompt)
+        prompt = await run_in_threadpool(completion_prompt, tokenizer, req.prompt, char_check("prompt"))
         check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "prompt")
         return await run(request, namespace, prompt, req, chat=False)
 

@@ -366,10 +366,16 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict, fingerp
 
 def check_prompt_size(n_tokens: int, limit: int, param: str) -> None:
     if n_tokens > limit:
-        raise APIError(
-            400,
-            f"the prompt has {n_tokens} tokens; this server accepts at most {limit} (--max-prompt-tokens)",
-            "invalid_request_error",
-            param,
-            "prompt_too_long",
-        )
+        raise _too_long(f"the prompt has {n_tokens} tokens", limit, param)
+
+
+def check_prompt_chars(text: str, limit: int, longest_token: int, param: str) -> None:
+    """Refuse before tokenizing a text too long for `limit` tokens even if every token spelled `longest_token`
+    characters (so an oversized prompt costs no tokenization)."""
+    if len(text) > limit * longest_token:
+        raise _too_long(f"the prompt has {len(text)} characters, more than {limit} tokens can spell", limit, param)
+
+
+def _too_long(what: str, limit: int, param: str) -> APIError:
+    message = f"{what}; this server accepts at most {limit} prompt tokens (--max-prompt-tokens)"
+    return APIError(400, message, "invalid_request_error", param, "prompt_too_long")

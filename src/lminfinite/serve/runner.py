@@ -51,7 +51,9 @@ class ServerThread:
         import uvicorn
 
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+        )
         self.thread = threading.Thread(target=self.server.run, name="lminfinite-uvicorn", daemon=True)
         self.host = host
         self.port = port

@@ -102,14 +102,23 @@ class Engine:
             return out.logits[0, -1].float()
 
 
+# End-of-turn markers of common chat templates: a stop token when the model's template writes it.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eot|>")
+
+
 def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-turn ids: the tokenizer's EOS and the generation config's eos_token_id (int or list)."""
+    """End-of-turn ids: the tokenizer's EOS, the generation config's eos_token_id (int or list), and the
+    end-of-turn marker tokens that the chat template writes."""
     ids = set()
     for value in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[marker] for marker in END_OF_TURN if marker in template and marker in vocab)
     return ids
 
 

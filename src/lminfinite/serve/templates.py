@@ -20,7 +20,8 @@ stop string and holds back a tail that could start one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,49 +50,70 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
 
 @dataclass
 class Prompt:
-    """A prompt as text (None when given as token ids) and ids; `starts`/`ends`: character offsets of each
-    token in `text` (None without a fast tokenizer), used to continue a session after its text."""
+    """A prompt as text (None when given as token ids) and its ids. `boundary()` finds where a text prefix ends
+    among the tokens, from character offsets computed on first use (a fast tokenizer's offset mapping; only a
+    session look-up by text needs them)."""
 
     text: str | None
     ids: list[int]
-    starts: np.ndarray | None = None
-    ends: np.ndarray | None = None
+    offsets: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    _spans: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def boundary(self, chars: int) -> int | None:
         """Index of the first token of `text[chars:]` when a token boundary lies exactly at `chars`, else None."""
-        if self.starts is None or self.ends is None:
+        if self.offsets is None:
             return None
-        j = int(np.searchsorted(self.starts, chars, side="left"))
+        if self._spans is None:
+            self._spans = self.offsets()
+        starts, ends = self._spans
+        if len(starts) != len(self.ids):
+            return None
+        j = int(np.searchsorted(starts, chars, side="left"))
         # tokens before j must end at or before `chars` (none straddles the boundary), and j must start there
-        if j >= len(self.ids) or self.starts[j] != chars:
+        if j >= len(self.ids) or starts[j] != chars:
             return None
-        if j > 0 and int(self.ends[:j].max()) > chars:
+        if j > 0 and int(ends[:j].max()) > chars:
             return None
         return j
 
 
 def encode(tokenizer, text: str, add_special_tokens: bool) -> Prompt:
-    """Tokenize `text`; with a fast tokenizer also keep each token's character offsets."""
-    if getattr(tokenizer, "is_fast", False):
+    """Tokenize `text`; with a fast tokenizer, each token's character offsets are available on demand."""
+    ids = list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    if not getattr(tokenizer, "is_fast", False):
+        return Prompt(text, ids)
+
+    def offsets() -> tuple[np.ndarray, np.ndarray]:
         enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        ids = list(enc["input_ids"])
-        starts, ends = offsets[:, 0].copy(), offsets[:, 1].copy()
-        # special tokens added by the tokenizer (BOS) have empty offsets at 0: they start the text
-        return Prompt(text, ids, np.maximum.accumulate(starts), ends)
-    return Prompt(text, list(tokenizer.encode(text, add_special_tokens=add_special_tokens)))
+        spans = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        # special tokens added by the tokenizer (BOS) have empty offsets at 0: keep the starts non-decreasing
+        return np.maximum.accumulate(spans[:, 0]), spans[:, 1].copy()
+
+    return Prompt(text, ids, offsets)
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> Prompt:
-    """Render and tokenize chat messages the way the server does."""
+def longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token spells (its longest vocabulary entry), at least 1."""
+    try:
+        return max(1, max(len(t) for t in tokenizer.get_vocab()))
+    except Exception:
+        return 64
+
+
+def chat_prompt(tokenizer, messages: list[dict], check: Callable[[str], None] | None = None) -> Prompt:
+    """Render and tokenize chat messages the way the server does (`check(text)` may refuse the text first)."""
     text = render_chat(tokenizer, messages)
+    if check is not None:
+        check(text)
     return encode(tokenizer, text, add_special_tokens=not has_chat_template(tokenizer))
 
 
-def completion_prompt(tokenizer, prompt: str | list[int]) -> Prompt:
+def completion_prompt(tokenizer, prompt: str | list[int], check: Callable[[str], None] | None = None) -> Prompt:
     """A /v1/completions prompt: text with the tokenizer's special tokens (BOS), or token ids as given."""
     if isinstance(prompt, list):
         return Prompt(None, list(prompt))
+    if check is not None:
+        check(prompt)
     prompt_ = encode(tokenizer, prompt, add_special_tokens=True)
     if not prompt_.ids:
         bos = getattr(tokenizer, "bos_token_id", None)
