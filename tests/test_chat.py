@@ -281,3 +281,17 @@ def test_chat_command_bad_options(argv, message, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["chat", "--model", "stories260K", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_non_finite_logits_are_reported(stories):
+    from lminfinite.streaming import NonFiniteError
+
+    model, tokenizer = stories
+    chat = Chat(model, tokenizer, n_global=4, n_local=40, max_new_tokens=5)
+    handle = model.model.norm.register_forward_hook(lambda module, args, output: output * float("nan"))
+    try:
+        with pytest.raises(NonFiniteError, match="not finite"):
+            list(chat.send("Once upon a time"))
+    finally:
+        handle.remove()
+    assert "".join(chat.send("Then"))  # the forward itself completed: the conversation goes on

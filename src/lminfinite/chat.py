@@ -18,9 +18,10 @@ text (the rendering of the new user message and the generation prompt, plus what
 puts after the previous answer, e.g. ChatML's newline after `<|im_end|>`), computed as the
 difference between the rendering with the new message and the text already in the cache. The
 answer's tokens -- the end-of-turn token included (`<|im_end|>` for ChatML) -- go into the cache
-(the last one with the next message's prefill, or at `flush()`), so the next turn continues it. The cache keeps the first `n_global` tokens and the last `n_local`,
-so memory is constant however long the conversation (only the last exchange and the first one are
-kept as text, to render the next turn).
+(the last one with the next message's prefill, or at `flush()`), so the next turn continues it. The
+cache keeps the first `n_global` tokens and the last `n_local`, so memory is constant however long the
+conversation (only the first and the previous exchanges are kept as text, to render the next turn).
+Non-finite logits raise `lminfinite.streaming.NonFiniteError`.
 
 Models without a chat template (stories260K): the conversation is one plain text. The first message
 starts it (with the tokenizer's BOS), each later message is appended after a newline, and each
@@ -39,7 +40,6 @@ forward leaves the cache unusable: the next `send()` says so, and `reset()` star
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import threading
@@ -54,6 +54,7 @@ from torch import nn
 from .api import enable, is_enabled
 from .cache import LambdaCache
 from .scoring import prefill
+from .streaming import check_finite, check_sampling, pick_token
 
 # End-of-turn tokens of common chat templates, besides the tokenizer's and generation config's EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -71,32 +72,6 @@ class ChatBackend(Protocol):
 
 class ChatError(RuntimeError):
     """The conversation cannot continue (its cache was left inconsistent): call `reset()`."""
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """ValueError unless temperature is finite and > 0, top_k None or >= 0, top_p None or in (0, 1]."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a number, got {temperature!r}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k (sampling) must be None or an int >= 0, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> int:
-    """Sample one token from (vocab,) logits under temperature, top-k and top-p."""
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[0])
 
 
 @contextmanager
@@ -342,7 +317,8 @@ class Chat:
                 self.turns += 1
                 started = True
             while True:
-                token = _pick(logits, temperature, top_k, top_p, self.generator) if do_sample else int(logits.argmax())
+                check_finite(logits, self.tokens_seen - 1)
+                token = int(pick_token(logits, do_sample, temperature, top_k, top_p, self.generator))
                 first_token = first_token or time.perf_counter()
                 self._unfed = token  # fed by the next step, or with the next message
                 if token in self.stop_ids:
