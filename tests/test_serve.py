@@ -482,3 +482,32 @@ def test_server_shuts_down_cleanly():
     srv.stop()
     assert not srv.thread.is_alive() and not worker.is_alive()
     assert threading.active_count() < 50
+
+
+def test_chat_command_with_server(server, monkeypatch, capsys):
+    """`lminfinite chat --server URL --api-key KEY` talks to the server; its second turn continues the session."""
+    import io
+
+    from lminfinite.cli import main
+
+    expected = chat(client(server), [{"role": "user", "content": "Tell me a story."}], 6)[0]
+    before = metrics(server)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me a story.\nWhat next?\n/stats\n"))
+    code = main(["chat", "--server", server.url, "--api-key", KEY_A, "--max-new-tokens", "6"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert out.out.startswith(expected + "\n")
+    assert out.out.splitlines()[-1].startswith("turns 2, tokens seen ")
+    assert f"{server.url}/v1: {MODEL} (remote)" in out.err
+    after = metrics(server)
+    assert lookups(after, "token_prefix") == lookups(before, "token_prefix") + 1
+    for argv, message in [
+        (["--server", "http://127.0.0.1:9", "--api-key", KEY_A], "cannot reach"),
+        (["--server", server.url, "--api-key", "wrong"], "401"),
+        (["--server", server.url, "--api-key", KEY_A, "--sample-top-k", "3", "--do-sample"], "top-k"),
+        (["--server", "ftp://x"], "http://"),
+    ]:
+        monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+        assert main(["chat", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "lminfinite: error: --s" in err and message in err, err

@@ -71,6 +71,11 @@ def add_command(sub, model_options) -> None:
         metavar="K",
         help="sample among the K most likely tokens (not LM-Infinite's top-k middle tokens)",
     )
+    r = p.add_argument_group("remote (instead of loading --model)")
+    r.add_argument(
+        "--server", metavar="URL", help="chat with a running `lminfinite serve` (or OpenAI-compatible) server"
+    )
+    r.add_argument("--api-key", help="API key for --server (default: $LMINFINITE_API_KEY)")
 
 
 def local_backend(args):
@@ -97,11 +102,38 @@ def local_backend(args):
     )
 
 
+def remote_backend(args):
+    """A `lminfinite.serve.client.RemoteChat` on the server at --server (the server's model and window)."""
+    import os
+
+    from ..serve.client import RemoteChat, RemoteChatError
+
+    if args.sample_top_k is not None:
+        raise CliError("--sample-top-k does not work with --server (the OpenAI API has no top-k)")
+    try:
+        return RemoteChat(
+            args.server,
+            api_key=args.api_key or os.environ.get("LMINFINITE_API_KEY"),
+            system=args.system,
+            max_tokens=args.max_new_tokens or None,
+            temperature=args.temperature if args.do_sample else 0.0,
+            top_p=(args.top_p or 1.0) if args.do_sample else 1.0,
+            seed=args.seed,
+        )
+    except (ValueError, RemoteChatError) as e:
+        raise CliError(f"--server {args.server}: {e}") from None
+
+
 def run_chat(args) -> int:
     from ..chat import repl
 
     if not args.do_sample and (args.top_p is not None or args.sample_top_k is not None or args.temperature != 1.0):
         print("lminfinite: note: --temperature/--top-p/--sample-top-k apply with --do-sample only", file=sys.stderr)
+    if args.server:
+        backend = remote_backend(args)
+        return repl(
+            backend, banner=f"{backend.url}: {backend.model} (remote). /reset, /stats, /exit; Ctrl-C stops an answer."
+        )
     backend = local_backend(args)
     template = "chat template" if backend.templated else "no chat template: plain text continuation"
     banner = (

@@ -14,6 +14,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class RemoteChatError(ConnectionError):
+    """The server could not be reached, or refused the request (its message is included)."""
+
+
+@contextmanager
+def _server_errors(url: str):
+    import openai
+
+    try:
+        yield
+    except openai.APIConnectionError as e:
+        raise RemoteChatError(f"cannot reach the server at {url} ({e})") from e
+    except openai.APIStatusError as e:
+        message = e.body.get("message") if isinstance(e.body, dict) else None
+        raise RemoteChatError(f"the server at {url} answered {e.status_code}: {message or e.message}") from e
+    except openai.APIError as e:  # an error event inside a stream
+        raise RemoteChatError(f"the server at {url} failed: {e.message}") from e
 
 
 class RemoteChat:
@@ -41,16 +61,20 @@ class RemoteChat:
             base += "/v1"
         self.url = base
         self.client = OpenAI(base_url=base, api_key=api_key or "none", timeout=timeout, max_retries=2)
-        self.model = model or self._only_model()
+        with _server_errors(base):
+            self.model = self._check_model(model)
         self.system, self.max_tokens = system, max_tokens
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.reset()
 
-    def _only_model(self) -> str:
+    def _check_model(self, model: str | None) -> str:
+        """`model` if the server serves it; None: the server's only model."""
         names = [m.id for m in self.client.models.list().data]
-        if len(names) != 1:
+        if model is not None and model not in names:
+            raise ValueError(f"the server does not serve {model!r}; it serves {', '.join(names) or 'nothing'}")
+        if model is None and len(names) != 1:
             raise ValueError(f"the server serves {len(names)} models ({', '.join(names)}): pass model=")
-        return names[0]
+        return model or names[0]
 
     def reset(self) -> None:
         """Forget the conversation (the server evicts its cache in time)."""
@@ -67,27 +91,29 @@ class RemoteChat:
     def _answer(self, text: str) -> Iterator[str]:
         messages = self.messages + [{"role": "user", "content": text}]
         start = time.perf_counter()
-        stream = self.client.chat.completions.create(
-            model=self.model,
-            messages=messages,
-            stream=True,
-            stream_options={"include_usage": True},
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-        )
+        with _server_errors(self.url):
+            stream = self.client.chat.completions.create(
+                model=self.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=self.seed,
+            )
         parts: list[str] = []
         usage, first = None, None
         try:
-            for chunk in stream:
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if chunk.choices and chunk.choices[0].delta.content:
-                    if first is None:
-                        first = time.perf_counter()
-                    parts.append(chunk.choices[0].delta.content)
-                    yield chunk.choices[0].delta.content
+            with _server_errors(self.url):
+                for chunk in stream:
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        if first is None:
+                            first = time.perf_counter()
+                        parts.append(chunk.choices[0].delta.content)
+                        yield chunk.choices[0].delta.content
         finally:
             stream.close()  # stops the server's generation when we stop early
             self.messages = messages + [{"role": "assistant", "content": "".join(parts)}]
