@@ -133,6 +133,14 @@ def test_settings_reach_enable(stories_lm):
     assert lm.max_length > 10**12  # the harness never left-truncates
 
 
+def test_model_args_string_loads_the_model_by_name(stories_path):
+    """As `simple_evaluate(model="lminfinite", model_args=...)` builds it: `pretrained` through load_model."""
+    lm = LMInfiniteLM.create_from_arg_string(f"pretrained={stories_path},n_local=128,method=sinks,chunk_size=64")
+    assert lm.settings == {"method": "sinks", "n_global": 10, "n_local": 128} and lm.chunk_size == 64
+    assert lminfinite.is_enabled(lm.model) and lm.model._lminfinite.config.sink_positions == "own"
+    assert lmi.live_tokenizer(str(stories_path)) is lm.tokenizer and lm.get_model_info()["model_sha"] == ""
+
+
 # -------------------------------------------------------------------- loglikelihood: equal to the harness's
 
 
