@@ -262,6 +262,51 @@ def wait(predicate, timeout: float = 60.0) -> bool:
     return False
 
 
+class Scripted(Engine):
+    """A real tokenizer and end-of-turn ids, but every forward 'predicts' the next token of a fixed script."""
+
+    def __init__(self, model, tokenizer, script: list[int]):
+        super().__init__(model, tokenizer)
+        self.script, self.calls = script, 0
+
+    def forward(self, ids, cache):
+        logits = torch.zeros(512)
+        logits[self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+        self.calls += 1
+        return logits
+
+
+@needs_stories
+@pytest.mark.parametrize(
+    "answer, eos, max_tokens, content, finish",
+    [
+        (" Hello E", True, 50, " Hello E", "stop"),  # held back for "END", released at the end of turn
+        (" Hello END more", False, 50, " Hello ", "stop"),  # cut before the stop string
+        (" Hello E", False, None, " Hello E", "length"),  # released at max_tokens
+        (" Hello ñ", False, None, " Hello ñ", "length"),  # a two-byte character, never split
+    ],
+)
+def test_stop_strings_and_the_end_of_an_answer(stories, answer, eos, max_tokens, content, finish):
+    model, tok = stories
+    script = tok.encode(answer, add_special_tokens=False) + ([tok.eos_token_id] if eos else [])
+    engine = Scripted(model, tok, script)
+    scheduler = Scheduler(engine, SessionStore(8, 10**9), Metrics(), max_concurrency=2, step_tokens=64)
+    events: queue.Queue = queue.Queue()
+    params = GenParams(max_tokens=max_tokens or len(script), temperature=0.0, stop=("END",))
+    job = Job("r", "", encode(tok, "User: hi\nAssistant:", True), params, events.put, 0.0, 60.0)
+    assert scheduler.try_admit()
+    scheduler.submit(job)
+    scheduler.start()
+    try:
+        out = [events.get(timeout=30)]
+        while out[-1].kind == "delta":
+            out.append(events.get(timeout=30))
+    finally:
+        scheduler.stop()
+    assert "".join(e.text for e in out[:-1]) == content and "\ufffd" not in content
+    assert (out[-1].kind, out[-1].finish_reason) == ("done", finish)
+
+
 # ------------------------------------------------------------------------------------ decoding and stops
 
 

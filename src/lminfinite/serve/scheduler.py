@@ -296,21 +296,23 @@ class Scheduler:
         job.generated.append(token)
         job.last_token = token
         self.metrics.completion_tokens.inc()
-        if token in self.engine.stop_ids and not job.params.ignore_eos:
-            return self._finish(job, "stop", pending=())
-        text, stopped = job.stopper.feed(job.decoder.add(token))
-        if stopped:
-            job.content += text
-            self._send(job, Event("delta", text))
-            return self._finish(job, "stop", pending=(token,))
-        if len(job.generated) >= job.params.max_tokens:
-            text += job.stopper.feed(job.decoder.flush())[0] + job.stopper.flush()
-            job.content += text
-            self._send(job, Event("delta", text))
-            return self._finish(job, "length", pending=(token,))
+        end_of_turn = token in self.engine.stop_ids and not job.params.ignore_eos
+        last = end_of_turn or len(job.generated) >= job.params.max_tokens
+        piece = "" if end_of_turn else job.decoder.add(token)
+        if last:
+            piece += job.decoder.flush()  # a character still incomplete goes out as U+FFFD
+        text, stopped = job.stopper.feed(piece)
+        if last and not stopped:
+            text += job.stopper.flush()  # text held back for a stop string that never came
         if text:
             job.content += text
             self._send(job, Event("delta", text))
+        if stopped:  # a stop string: the answer ends before it
+            self._finish(job, "stop", pending=(token,))
+        elif end_of_turn:  # the end-of-turn token is not fed: the next prompt's rendering supplies it
+            self._finish(job, "stop", pending=())
+        elif last:
+            self._finish(job, "length", pending=(token,))
 
     def _usage(self, job: Job) -> dict:
         from .protocol import usage
