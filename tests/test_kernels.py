@@ -263,3 +263,24 @@ def test_alibi_band_path_with_a_cached_prefix(monkeypatch, Tq):
     out = run(get_kernel("torch"), args, **kw)
     assert calls == [G]  # c0: the run after the starting tokens
     torch.testing.assert_close(out, run(get_kernel("naive"), args, **kw), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pads,alibi,softcap", [([0, 0], False, None), ([0, 5], False, None), ([0, 0], True, None), ([0, 0], False, 4.0)]
+)
+def test_gradients_equal_naive(pads, alibi, softcap):
+    """Training: the chunked kernel's gradients are the naive kernel's. (Its fused CPU band path passes no
+    gradient through its log-sum-exp, so it is left to inference; FlexAttention has no CPU backward.)"""
+    args = [
+        a.requires_grad_() if a is not None and a.is_floating_point() else a
+        for a in _inputs(2, 4, 2, 60, 60, 8, pads=pads, G=3)
+    ]
+    kw = dict(n_global=3, n_local=12, scaling=0.3, block_size=7, softcap=softcap)
+    kw["alibi"] = _alibi(4, 12) if alibi else None
+    leaves = [a for a in args if a is not None and a.is_floating_point()]
+    grads = []
+    for name in ("naive", "torch"):
+        out = run(get_kernel(name), args, **kw)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), leaves))
+    for ref, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

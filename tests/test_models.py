@@ -254,3 +254,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     torch.testing.assert_close(grads(True), grads(False), atol=1e-5, rtol=1e-4)
+
+
+def test_training_gradients_beyond_the_window_equal_the_naive_kernel():
+    """The chunked kernel's gradients (beyond n_local, where its pieces merge) are the naive kernel's; an
+    unpadded batch, which inference sends to the fused band path."""
+    ids = torch.randint(3, 101, (2, 70))
+
+    def grads(backend):
+        model = tiny_model("llama").train()
+        lminfinite.enable(model, n_global=2, n_local=8, backend=backend)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    torch.testing.assert_close(grads("torch"), grads("naive"), atol=1e-5, rtol=1e-4)

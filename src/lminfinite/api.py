@@ -7,14 +7,16 @@ the decoder and selects `attn_implementation="lm_infinite"`. `disable(model)` un
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from . import alibi, families
 from .attention import NAME, register
 from .config import LambdaConfig, pretraining_length
-from .context import LambdaState, make_pre_hook, post_hook
+from .context import LambdaState, guard_generation, make_pre_hook, post_hook
 from .positions import Alibi, install_rope_hooks, layer_rope
 
 
@@ -26,6 +28,24 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
     return [m for m in decoder.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+
+
+def _check_model(model) -> None:
+    """enable() takes a transformers model whose layers decode (not a name, a plain module, an encoder-decoder)."""
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"enable() takes a loaded model, got the name {str(model)!r}: load it first, e.g. "
+            "transformers.AutoModelForCausalLM.from_pretrained(name) or lminfinite.load_model(name)"
+        )
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"enable() takes a transformers PreTrainedModel (e.g. from AutoModelForCausalLM.from_pretrained), "
+            f"got a {type(model).__name__}"
+        )
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model; LM-Infinite applies to decoder-only language models"
+        )
 
 
 def _warn_if_beyond_pretraining(config, n_local: int) -> None:
@@ -64,6 +84,7 @@ def enable(
         token (memory grows with the input) and each query scores every middle token.
     Calling it again reconfigures; training mode is allowed (the kernels are differentiable).
     """
+    _check_model(model)
     decoder = _decoder(model)
     family = families.family_of(model)
     rope = families.rope_of(decoder, family)
@@ -106,6 +127,7 @@ def enable(
         module._lminfinite = state
     state.handles.append(decoder.register_forward_pre_hook(make_pre_hook(state, decoder), with_kwargs=True))
     state.handles.append(decoder.register_forward_hook(post_hook, with_kwargs=True))
+    state.handles.extend(guard_generation(model))
     if family is not None and family.alibi is not None:
         sinks = config.sink_positions == "own"
         state.alibi = Alibi(family.alibi.slopes(decoder), config.limit_distance, sinks=sinks)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass, field, replace
+from types import MethodType
 
 import torch
 from torch import nn
@@ -157,13 +158,6 @@ def normalise_arguments(
         cache.check_compatible(state.config, state.num_layers, id(module))
         kwargs[cache_kw] = cache
         kwargs["use_cache"] = True
-        mask = kwargs.get("attention_mask")
-        if cache._columns and mask is not None and mask.shape[1] < cache._columns + q_len:
-            raise ValueError(
-                f"the LambdaCache holds {cache._columns} tokens but the attention_mask covers "
-                f"{mask.shape[1]} for {q_len} new ones: pass generate() the full ids (the cache's tokens "
-                "followed by the new ones) and a mask over all of them"
-            )
     return kwargs, valid, cache
 
 
@@ -183,6 +177,37 @@ def make_pre_hook(state: LambdaState, decoder: nn.Module):
         return (), kwargs
 
     return pre_hook
+
+
+def _prepare_inputs_checked(self, input_ids, *args, **kwargs):
+    """`prepare_inputs_for_generation` of an enabled model: refuses ids that do not extend the LambdaCache
+    given to `generate()`, which feeds `ids[:, cache_length:]`: shorter ids would feed tokens the cache
+    already holds (or none) instead of failing."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    new = kwargs.get("next_sequence_length")
+    if isinstance(cache, LambdaCache) and new is not None and new < 1 and kwargs.get("inputs_embeds") is None:
+        held = cache.get_seq_length()
+        raise ValueError(
+            f"generate() was given {input_ids.shape[1]} token ids with a LambdaCache that already holds "
+            f"{held}: pass the full ids (the {held} tokens the cache holds followed by at least one new one)"
+        )
+    return type(self).prepare_inputs_for_generation(self, input_ids, *args, **kwargs)
+
+
+class _GenerationGuard:
+    """Puts `_prepare_inputs_checked` in place of a model's `prepare_inputs_for_generation` until `remove()`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        model.prepare_inputs_for_generation = MethodType(_prepare_inputs_checked, model)
+
+    def remove(self) -> None:
+        vars(self.model).pop("prepare_inputs_for_generation", None)
+
+
+def guard_generation(model: nn.Module) -> list:
+    """The handles of `_GenerationGuard` on `model` (none for a model that cannot generate)."""
+    return [_GenerationGuard(model)] if callable(getattr(model, "prepare_inputs_for_generation", None)) else []
 
 
 def post_hook(module, args, kwargs, output):

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from .api import is_enabled
 from .cache import LambdaCache
+from .context import USE_LAMBDA_CACHE
 
 
 def _chunks(n: int, chunk_size: int | None, progress: bool, desc: str):
@@ -59,7 +60,11 @@ def prefill(
     RoPE positions bounded (below `2 * n_local + chunk_size`); `chunk_size=None` is one forward.
     """
     _check_ids(input_ids, attention_mask)
-    cache = _new_cache(model) if cache is None else cache
+    if cache is None:
+        cache = _new_cache(model)
+    elif is_enabled(model) and not isinstance(cache, LambdaCache):
+        name = type(cache).__name__
+        raise ValueError(f"prefill() into a {name}: an enabled model fills a LambdaCache; {USE_LAMBDA_CACHE}")
     device = next(model.parameters()).device
     with torch.no_grad():
         for s, e in _chunks(input_ids.shape[1], chunk_size, progress, "prefill"):

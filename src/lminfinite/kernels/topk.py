@@ -40,28 +40,53 @@ class Middle:
 def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=None, alibi=None):
     """For queries `qg` (batch, heads, n, d) at distance D: the logits of their top-k middle keys
     (batch, heads, n, k), -inf where a query has fewer middle keys, and those keys' values
-    (batch, heads, n, k, dv)."""
+    (batch, heads, n, k, dv).
+
+    The choice is made without autograd. When gradients are recorded (training), the chosen logits
+    are computed again from the k chosen keys, so what autograd keeps is O(n * k) per layer rather
+    than every query's scores of every middle key (O(n^2): gigabytes at 8k tokens). The gradient is
+    the same: a top-k passes gradient only to the chosen scores."""
     B, H, n, _ = qg.shape
     Hkv, M, dv = middle.keys.shape[1], middle.keys.shape[2], middle.values.shape[-1]
     k = min(middle.top_k, M)
     kt = middle.keys.float().transpose(-1, -2)
     step = max(1, _SCORES_PER_PASS // max(1, B * H * M))
+    differentiable = torch.is_grad_enabled() and (qg.requires_grad or middle.keys.requires_grad)
     top_scores, top_values = [], []
     for s in range(0, n, step):
         e = min(s + step, n)
-        scores = (qg[:, :, s:e].reshape(B, Hkv, rep * (e - s), -1).float() @ kt).view(B, H, e - s, M) * scaling
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        if alibi is not None:
-            scores = scores + alibi.far_bias(q_idx[:, None, s:e, None], middle.idx[:, None, None, :], (1, H))
-        allowed = middle_rule(q_idx[:, s:e, None], middle.idx[:, None, :], n_global, n_local)
-        best, where = _top_k(scores.masked_fill(~allowed[:, None], float("-inf")), k)
-        # Values of the chosen columns, gathered per kv head: (B, Hkv, rep * n * k) column indices.
-        cols = where.reshape(B, Hkv, rep * (e - s) * k, 1).expand(-1, -1, -1, dv)
-        chosen = torch.gather(middle.values, 2, cols).view(B, H, e - s, k, dv)
+        with torch.no_grad():
+            scores = (qg[:, :, s:e].reshape(B, Hkv, rep * (e - s), -1).float() @ kt).view(B, H, e - s, M) * scaling
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            if alibi is not None:
+                scores = scores + alibi.far_bias(q_idx[:, None, s:e, None], middle.idx[:, None, None, :], (1, H))
+            allowed = middle_rule(q_idx[:, s:e, None], middle.idx[:, None, :], n_global, n_local)
+            best, where = _top_k(scores.masked_fill(~allowed[:, None], float("-inf")), k)
+            del scores, allowed
+        # The chosen columns, gathered per kv head: (B, Hkv, rep * n * k) column indices.
+        cols = where.reshape(B, Hkv, rep * (e - s) * k, 1)
+        chosen = torch.gather(middle.values, 2, cols.expand(-1, -1, -1, dv)).view(B, H, e - s, k, dv)
+        if differentiable:
+            best = _rescore(qg[:, :, s:e], middle, cols, where, best, q_idx[:, s:e], scaling, softcap, alibi)
         top_scores.append(best)
         top_values.append(chosen)
     return torch.cat(top_scores, 2), torch.cat(top_values, 2)
+
+
+def _rescore(qg_b, middle: Middle, cols, where, best, q_idx_b, scaling, softcap, alibi):
+    """The logits `best` (B, H, m, k) of the chosen middle keys, computed again with autograd from the
+    chosen keys only (`cols`: their columns per kv head, `where`: per head); -inf stays -inf."""
+    B, H, m, k = best.shape
+    d = middle.keys.shape[-1]
+    keys = torch.gather(middle.keys, 2, cols.expand(-1, -1, -1, d)).view(B, H, m, k, d)
+    logits = (qg_b.float()[..., None, :] @ keys.float().transpose(-1, -2)).squeeze(-2) * scaling
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if alibi is not None:
+        idx = torch.gather(middle.idx[:, None, None, :].expand(B, H, m, -1), -1, where)
+        logits = logits + alibi.far_bias(q_idx_b[:, None, :, None], idx, (1, H))
+    return torch.where(best == float("-inf"), best, logits)
 
 
 def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,13 +4,14 @@ Queries are taken in blocks; a block reads only the keys of its band (the `L - 1
 before it and its own) for the local branch, and the `S` candidate starting keys for the global
 branch. Two paths compute the same thing:
 
-- Band path (CPU, contiguous keys: no padding, no gap in the band). The band of a block
+- Band path (CPU, contiguous keys: no padding, no gap in the band; inference only, as the fused op
+  passes no gradient through its log-sum-exp). The band of a block
   [s, e) splits into three pieces that need no mask: its own keys (causal), the keys every query
   of the block sees (a full rectangle), and the oldest keys (an anti-causal triangle, which is
   causal once queries and keys are flipped). Each piece runs in PyTorch's fused CPU attention,
   which returns its log-sum-exp; the pieces and the global branch merge exactly by log-sum-exp.
   ALiBi biases enter each piece as key-only biases, corrected in its log-sum-exp.
-- Masked path (anything else: padded rows, softcapping, other devices). Scores of the band
+- Masked path (anything else: padded rows, softcapping, other devices, autograd). Scores of the band
   are masked by the Λ rule; the band and the far keys (starting keys, top-k middle keys) merge by
   log-sum-exp.
 
@@ -35,6 +36,16 @@ def _is_plain_causal(q_idx, k_idx, n_local) -> bool:
     if q_idx.shape != k_idx.shape:
         return False
     return bool((k_idx[:, 0] == 0).all() and (k_idx[:, -1] < n_local).all() and (k_idx >= 0).all())
+
+
+def _records_grad(q, k, v, far) -> bool:
+    """Whether autograd records this call (some input needs a gradient)."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [q, k, v] if far is None else [q, k, v, far.queries, far.keys, far.values]
+    if far is not None and far.middle is not None:
+        tensors += [far.middle.keys, far.middle.values]
+    return any(t.requires_grad for t in tensors)
 
 
 def _contiguous_from(k_idx, q_idx, n_local, n_candidates) -> int | None:
@@ -74,7 +85,10 @@ def attention(
     if plain and _is_plain_causal(q_idx, k_idx, n_local):
         return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=rep > 1)
     far = far if far else None
-    if softcap is None and _FUSED is not None and q.device.type == "cpu" and n_local > 1 and q.dtype == v.dtype:
+    # The fused CPU op gives no gradient through its log-sum-exp, which the merge needs: with autograd
+    # recording, the masked path (differentiable throughout) is taken instead.
+    fused = _FUSED is not None and q.device.type == "cpu" and not _records_grad(q, k, v, far)
+    if softcap is None and fused and n_local > 1 and q.dtype == v.dtype:
         c0 = _contiguous_from(k_idx, q_idx, n_local, candidates(far))
         if c0 is not None:
             slopes = None if alibi is None else alibi.slopes.to(device=q.device, dtype=torch.float32)
