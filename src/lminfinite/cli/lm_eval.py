@@ -160,13 +160,16 @@ def run_lm_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise CliError("--tasks is empty")
-    model, tokenizer, _ = _setup(args)  # seeds, loads the model, resolves --n-local
-    _check_methods(args, model, args.method)
+    # Tasks first (unknown names fail before the model loads); the metadata is the model args + --metadata,
+    # as in the harness's own CLI.
     settings = _settings(args)
     metadata = {"pretrained": args.model, "seed": args.seed} | settings | args.metadata
     if args.model in HUB_TOKENIZERS:
         metadata.setdefault("tokenizer", HUB_TOKENIZERS[args.model])
     task_manager = _task_manager(tasks, args.include_path, metadata)
+    model, tokenizer, _ = _setup(args)  # seeds, loads the model, resolves --n-local
+    _check_methods(args, model, args.method)
+    settings["n_local"] = args.n_local
     summaries = []
     try:
         for method in (m.name for m in args.method):
