@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 import transformers
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # where save() and plot() write; see use_results()
+
+
+def use_results(folder: str | Path) -> Path:
+    """Write this process's results (JSON, plots) to `folder` instead of `benchmarks/results`."""
+    global RESULTS
+    RESULTS = Path(folder)
+    return RESULTS
+
 
 # A Llama of realistic width (as in Llama-style 1B models): speed does not depend on the weights.
 REALISTIC = dict(
@@ -93,7 +101,7 @@ def parse_args(doc: str, argv, point, *options: tuple[str, dict]) -> argparse.Na
     that one measurement, print its JSON row and return None."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, kwargs in options:
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag, **{"help": "(default: %(default)s)", **kwargs})
     parser.add_argument("--point", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.point:
@@ -146,9 +154,10 @@ def plot(name: str, rows: list[dict], x: str, ys: list[tuple[str, str]], xlabel:
     fig, axes = plt.subplots(1, len(ys), figsize=(5.5 * len(ys), 4))
     axes = [axes] if len(ys) == 1 else axes
     for ax, (key, label) in zip(axes, ys, strict=True):
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
             pts = [(r[x], r[key]) for r in rows if r["method"] == method and r.get(key) is not None]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+            style = {"marker": "osD^v"[i % 5], "linestyle": ("-", "--", "-.", ":")[i % 4], "ms": max(3, 8 - 1.5 * i)}
+            ax.plot(*zip(*pts, strict=True), label=method, mfc="none" if i % 2 else None, **style)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
@@ -156,6 +165,7 @@ def plot(name: str, rows: list[dict], x: str, ys: list[tuple[str, str]], xlabel:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,24 +1,37 @@
-"""Run every benchmark and write `benchmarks/results/summary.md` (the table quoted in the README).
+"""Run every benchmark and write `summary.md` (the tables quoted in the README) beside their results.
 
-    python benchmarks/run_all.py [--quick]
+    python benchmarks/run_all.py [--quick] [--only prefill|decode|score] [--results DIR]
 
---quick uses smaller sizes (a few minutes); the default sizes are those of the README table;
---only NAME reruns one benchmark and rebuilds the summary with the saved results of the others.
+The default sizes are those of the README (about 12 minutes on a quiet 2-core machine) and the
+results go to `benchmarks/results/`. `--quick` uses smaller sizes (a few minutes) and writes to
+`benchmarks/results/quick/`, so the README's results are not overwritten. `--only NAME` reruns one
+benchmark (at the quick sizes with `--quick`) and rebuilds the summary from the saved results of
+the others in the same folder. `lminfinite bench` runs this script with the same options.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import decode  # noqa: E402
 import prefill  # noqa: E402
 import score  # noqa: E402
-from common import RESULTS, environment  # noqa: E402
+from common import environment  # noqa: E402
+
+DEFAULT_RESULTS = common.RESULTS
+RUNS = {"prefill": prefill.main, "decode": decode.main, "score": score.main}
+QUICK = {
+    "prefill": ["--n-local", "128", "--max-mult", "16", "--vanilla-max-mult", "8"],
+    "decode": ["--n-local", "128", "--mults", "1,8", "--steps", "8"],
+    "score": ["--tokens", "20000", "--short", "5000", "--long", "20000"],
+}
 
 
 def _at(rows, key, mult, method="lminfinite") -> float:
@@ -82,28 +95,54 @@ def summary(pre, dec, sco) -> str:
             dec, "ms_per_token", top
         )
         ratios[f"topk cache {top}L/1L"] = _ratio(dec, "cache_mb", 1, top, "topk")
-    lines += ["", "Ratios (lminfinite unless named): " + "; ".join(f"{k} = {v:.2f}" for k, v in ratios.items())]
+    shown = "; ".join(f"{k} = {v:.2f}" for k, v in ratios.items() if math.isfinite(v))  # sizes not run: left out
+    lines += ["", "Ratios (lminfinite unless named): " + shown]
     return "\n".join(lines) + "\n"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The options (`lminfinite bench` offers the same ones; a test keeps them in step)."""
+    parser = argparse.ArgumentParser(
+        prog="run_all.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller sizes, a few minutes (results in benchmarks/results/quick/)"
+    )
+    parser.add_argument(
+        "--only", choices=list(RUNS), help="rerun one benchmark; the summary reuses the others' results"
+    )
+    parser.add_argument(
+        "--results",
+        metavar="DIR",
+        help="folder for the JSON, plots and summary.md (default: benchmarks/results, with --quick "
+        "benchmarks/results/quick)",
+    )
+    return parser
+
+
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["prefill", "decode", "score"], help="rerun one benchmark, reuse the others")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    folder = Path(args.results) if args.results else DEFAULT_RESULTS / "quick" if args.quick else DEFAULT_RESULTS
+    common.use_results(folder)
+    sizes = QUICK if args.quick else {name: [] for name in RUNS}
     if args.only:
-        runs = {"prefill": prefill.main, "decode": decode.main, "score": score.main}
-        runs[args.only]([])
-        pre, dec, sco = (json.loads((RESULTS / f"{name}.json").read_text())["results"] for name in runs)
-    elif args.quick:
-        pre = prefill.main(["--n-local", "128", "--max-mult", "16", "--vanilla-max-mult", "8"])
-        dec = decode.main(["--n-local", "128", "--mults", "1,8", "--steps", "8"])
-        sco = score.main(["--tokens", "20000", "--short", "5000", "--long", "20000"])
+        missing = [f"{n}.json" for n in RUNS if n != args.only and not (folder / f"{n}.json").is_file()]
+        if missing:
+            again = " --quick" if args.quick else ""
+            parser.error(
+                f"--only {args.only} rebuilds the summary from the others' saved results, and {', '.join(missing)} "
+                f"are not in {folder}: run them once first (python benchmarks/run_all.py{again})"
+            )
+        RUNS[args.only](sizes[args.only])
+        pre, dec, sco = (json.loads((folder / f"{name}.json").read_text())["results"] for name in RUNS)
     else:
-        pre, dec, sco = prefill.main([]), decode.main([]), score.main([])
+        pre, dec, sco = (run(sizes[name]) for name, run in RUNS.items())
     text = summary(pre, dec, sco)
-    (RESULTS / "summary.md").write_text(text)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.md").write_text(text)
     print(text)
+    print(f"results in {folder}")
     return text
 
 

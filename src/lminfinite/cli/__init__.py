@@ -231,7 +231,9 @@ def _ppl_options(p: argparse.ArgumentParser) -> None:
 
 def _bench_options(p: argparse.ArgumentParser) -> None:
     """The options of benchmarks/run_all.py (tests check that the two agree)."""
-    p.add_argument("--quick", action="store_true", help="smaller sizes, a few minutes (results in RESULTS/quick/)")
+    p.add_argument(
+        "--quick", action="store_true", help="smaller sizes, a few minutes (results in benchmarks/results/quick/)"
+    )
     p.add_argument(
         "--only", choices=BENCHMARKS, help="rerun one benchmark; the summary reuses the others' saved results"
     )
@@ -313,22 +315,30 @@ def build_parser() -> Parser:
         formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model = _model_options()
+    # argparse shares a parent's Action objects with every child, so one command's set_defaults(model=...)
+    # would change the others' defaults: each command gets its own copy of the model options.
 
     def command(name: str, help: str, parents, func):
         return new_command(sub, name, help, DESCRIPTIONS[name], EXAMPLES[name], parents, func)
 
-    p = command("ppl", "NLL by token position, per method (the paper's Figure 1)", [model, _output_options()], run_ppl)
+    p = command(
+        "ppl",
+        "NLL by token position, per method (the paper's Figure 1)",
+        [_model_options(), _output_options()],
+        run_ppl,
+    )
     _data_options(p, several=True)
     _ppl_options(p)
 
-    p = command("passkey", "passkey retrieval accuracy by length and depth", [model, _output_options()], run_passkey)
+    p = command(
+        "passkey", "passkey retrieval accuracy by length and depth", [_model_options(), _output_options()], run_passkey
+    )
     p.add_argument("--lengths", type=int_list, default="2048,4096,8192", help="prompt lengths in tokens")
     p.add_argument("--samples", type=positive_int, default=10, help="prompts per length")
     p.add_argument("--depth-bins", type=positive_int, default=5, help="depth buckets (5: width 0.2)")
     p.add_argument("--answer-tokens", type=positive_int, default=10, help="tokens generated per answer")
 
-    p = command("generate", "generate text (greedy by default) from a prompt", [model], run_generate)
+    p = command("generate", "generate text (greedy by default) from a prompt", [_model_options()], run_generate)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
@@ -353,7 +363,10 @@ def build_parser() -> Parser:
     )
 
     p = command(
-        "gen-eval", "BLEU / ROUGE-L of continuations cut from a long text", [model, _output_options()], run_gen_eval
+        "gen-eval",
+        "BLEU / ROUGE-L of continuations cut from a long text",
+        [_model_options(), _output_options()],
+        run_gen_eval,
     )
     _data_options(p, several=False)
     p.add_argument("--positions", type=int_list, default="256,1024,4096", help="cut positions in tokens")
@@ -362,7 +375,10 @@ def build_parser() -> Parser:
 
     demo_out = _output_options(out="results/demo.json", plot="results/demo.png")
     p = command(
-        "demo", "stories260K on TinyStories: vanilla vs LM-Infinite NLL by position", [model, demo_out], run_ppl
+        "demo",
+        "stories260K on TinyStories: vanilla vs LM-Infinite NLL by position",
+        [_model_options(), demo_out],
+        run_ppl,
     )
     _data_options(p, several=True, default=DEMO_TEXT)
     _ppl_options(p)
@@ -372,7 +388,7 @@ def build_parser() -> Parser:
 
     for name in COMMAND_MODULES:
         if importlib.util.find_spec(f"{__name__}.{name}") is not None:
-            importlib.import_module(f"{__name__}.{name}").add_command(sub, model)
+            importlib.import_module(f"{__name__}.{name}").add_command(sub, _model_options())
     return parser
 
 
@@ -424,7 +440,7 @@ def _progress(args) -> bool | None:
 def _texts(args, n_tokens: int) -> list[tuple[str, str]]:
     """[(name, text)] from --data files, --dataset, or the command's default asset."""
     from ..eval.texts import dataset_text, read_text_file
-    from ..models.assets import asset
+    from ..models.assets import require_asset
 
     if args.data and args.dataset:
         raise CliError("give --data or --dataset, not both")
@@ -434,7 +450,7 @@ def _texts(args, n_tokens: int) -> list[tuple[str, str]]:
         return [(f"{args.dataset}{config}[{args.split}].{args.field}", text)]
     files = args.data if isinstance(args.data, list) else [args.data] if args.data else []
     if not files and args.default_data:
-        files = [str(asset(*args.default_data))]
+        files = [str(require_asset(*args.default_data))]  # missing: says what and how to get it
     if not files:
         raise CliError("no text given: pass --data FILE or --dataset NAME")
     return [(f, read_text_file(f)) for f in files]
@@ -613,7 +629,7 @@ def run_generate(args) -> int:
     given = [o for o, v in (("--temperature", args.temperature), ("--sample-top-k", args.sample_top_k)) if v]
     given += ["--top-p"] if args.top_p is not None else []
     if given and not args.do_sample:
-        _warn(f"{', '.join(given)} only apply with --do-sample; decoding greedily")
+        _warn(f"{', '.join(given)}: only used with --do-sample (decoding greedily)")
     sampling = {
         "do_sample": args.do_sample,
         "temperature": 1.0 if args.temperature is None else args.temperature,

@@ -57,9 +57,8 @@ def _series(rows: list[dict], x, y: str) -> dict[str, tuple[list, list]]:
     return out
 
 
-def _plot(
-    series, path, title: str, xlabel: str, ylabel: str, pretraining_length: int | None, ylim=None, note: str = ""
-) -> Path:
+def _figure(series, title: str, xlabel: str, ylabel: str, pretraining_length: int | None, ylim=None, note: str = ""):
+    """A matplotlib Figure with one styled line per method (not saved, not closed)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for i, (method, (xs, ys)) in enumerate(series.items()):
@@ -72,7 +71,7 @@ def _plot(
             mfc="none" if i % 2 else None,
             lw=1.4,
             label=method,
-            zorder=3 + len(series) - i,  # earlier (larger) markers behind later ones
+            zorder=3 + i,  # later (smaller) markers on top of earlier (larger) ones
         )
     if pretraining_length:
         ax.axvline(pretraining_length, color="gray", linestyle="--", label=f"pretraining length ({pretraining_length})")
@@ -94,13 +93,21 @@ def _plot(
             wrap=True,
             fontsize=9,
             bbox={"boxstyle": "round", "facecolor": "lightyellow", "edgecolor": "gray"},
-            zorder=10,
+            zorder=20,
         )
     fig.tight_layout()
+    return fig
+
+
+def save(fig, path: str | os.PathLike) -> Path:
+    """Save `fig` at `path` (creating the folder) and close it."""
+    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -120,24 +127,33 @@ def _nll_range(rows: list[dict], y: str) -> tuple[tuple[float, float] | None, st
     return (low, high), note
 
 
-def plot_nll(
-    rows: list[dict], path: str | os.PathLike, title: str, pretraining_length: int | None = None, y: str = "nll"
-) -> Path:
+def nll_figure(rows: list[dict], title: str, pretraining_length: int | None = None, y: str = "nll"):
     """NLL (or `y="ppl"`) against the centre of each position bucket; the first positions do not set the range."""
     series = _series(rows, lambda r: (r["bucket_start"] + r["bucket_end"]) / 2, y)
     ylabel = "perplexity" if y == "ppl" else "NLL (nats/token)"
     ylim, clipped = _nll_range(rows, y)
     xlabel = "token position (bucket centre)" + (f"\n{clipped}" if clipped else "")
-    return _plot(series, path, title, xlabel, ylabel, pretraining_length, ylim)
+    return _figure(series, title, xlabel, ylabel, pretraining_length, ylim)
 
 
-def plot_passkey(rows: list[dict], path: str | os.PathLike, title: str, pretraining_length: int | None = None) -> Path:
+def plot_nll(
+    rows: list[dict], path: str | os.PathLike, title: str, pretraining_length: int | None = None, y: str = "nll"
+) -> Path:
+    """`nll_figure` saved at `path`."""
+    return save(nll_figure(rows, title, pretraining_length, y), path)
+
+
+def passkey_figure(rows: list[dict], title: str, pretraining_length: int | None = None):
     """Passkey accuracy over all depths against the prompt length (with `report.passkey_note` when all are 0)."""
     series = _series([r for r in rows if r["depth"] == "all"], "length", "accuracy")
     note = passkey_note(rows, pretraining_length) or ""
-    return _plot(
-        series, path, title, "prompt length (tokens)", "passkey accuracy", pretraining_length, (-0.05, 1.05), note
-    )
+    xlabel, ylabel = "prompt length (tokens)", "passkey accuracy"
+    return _figure(series, title, xlabel, ylabel, pretraining_length, (-0.05, 1.05), note)
+
+
+def plot_passkey(rows: list[dict], path: str | os.PathLike, title: str, pretraining_length: int | None = None) -> Path:
+    """`passkey_figure` saved at `path`."""
+    return save(passkey_figure(rows, title, pretraining_length), path)
 
 
 def plot_generation(
@@ -145,4 +161,5 @@ def plot_generation(
 ) -> Path:
     """ROUGE-L F1 of the continuation against the cut position."""
     series = _series(rows, "position", "rougeL")
-    return _plot(series, path, title, "cut position (prompt tokens)", "ROUGE-L F1", pretraining_length, (-0.05, 1.05))
+    xlabel = "cut position (prompt tokens)"
+    return save(_figure(series, title, xlabel, "ROUGE-L F1", pretraining_length, (-0.05, 1.05)), path)

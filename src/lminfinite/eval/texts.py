@@ -48,11 +48,15 @@ def dataset_text(
         import datasets
     except ImportError:
         raise MissingDependency("--dataset needs the `datasets` package: pip install datasets") from None
-    try:
-        data = datasets.load_dataset(name, config, split=split)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadValue(f"cannot load dataset {name!r} split {split!r}: {first}") from None
+    from ..models.hub import offline_unless_reachable
+
+    with offline_unless_reachable(name) as offline:  # no network: the local cache only, no 30 s of retries
+        try:
+            data = datasets.load_dataset(name, config, split=split)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            where = f" (hub unreachable, {offline}; only locally cached datasets can load)" if offline else ""
+            raise BadValue(f"cannot load dataset {name!r} split {split!r}: {first}{where}") from None
     if field not in data.column_names:
         raise BadValue(f"dataset {name!r} has no field {field!r}; its fields: {', '.join(data.column_names)}")
     parts, size = [], 0
