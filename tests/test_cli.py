@@ -142,6 +142,132 @@ def test_help_has_examples(capsys):
         assert "examples:" in capsys.readouterr().out
 
 
+def _options(parser) -> dict:
+    """{option string: its action} of a parser's optional arguments."""
+    return {o: a for a in parser._actions for o in a.option_strings}
+
+
+def _subparsers(parser) -> dict:
+    [sub] = [a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_help_shows_the_defaults(capsys):
+    """Every command's --help (the other modules' commands too) ends each option's help with its default."""
+    commands = _subparsers(cli.build_parser())
+    assert {"ppl", "passkey", "generate", "gen-eval", "demo", "bench"} <= set(commands)
+    for name, parser in commands.items():
+        assert parser.formatter_class is cli.HelpFormatter, name
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            default = action.default
+            if not action.option_strings or default in (None, False, cli.argparse.SUPPRESS) or default == []:
+                continue
+            assert action.help and "default" in formatter._get_help_string(action).lower(), (name, action.dest)
+    assert run("ppl", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 4096)", "(default: 10)", "(default: stories260K)", "(default: pow2)"):
+        assert shown in text
+    assert "(default: vanilla,lminfinite,truncate,sinks)" in text and "examples:" in text
+
+
+def test_each_command_has_its_own_defaults():
+    """One command's set_defaults(model=...) must not change another's (argparse shares parents' actions)."""
+    parser = cli.build_parser()
+    commands = _subparsers(parser)
+    commands["ppl"].set_defaults(model="other")
+    assert parser.parse_args(["generate", "--prompt", "x"]).model == "stories260K"
+    assert parser.parse_args(["ppl"]).model == "other"
+
+
+def test_bench_help_lists_the_benchmark_options(capsys):
+    assert run("bench", "--help") == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--only {prefill,decode,score}" in out and "--results DIR" in out
+
+
+def _run_all():
+    """benchmarks/run_all.py as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    spec = importlib.util.spec_from_file_location("run_all_under_test", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_offers_exactly_run_all_options():
+    run_all = _run_all()
+    mine = _options(_subparsers(cli.build_parser())["bench"])
+    theirs = _options(run_all.build_parser())
+    assert set(mine) == set(theirs)
+    assert mine["--only"].choices == tuple(theirs["--only"].choices) == cli.BENCHMARKS
+
+
+@pytest.mark.parametrize(
+    "argv", [["--quick"], ["--only", "decode"], ["--quick", "--only", "score", "--results", "r"], []]
+)
+def test_bench_runs_run_all_with_the_options(argv, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda args: calls.append(args) or 0)
+    assert run("bench", *argv) == 0
+    [(python, script, *passed)] = calls
+    assert python == sys.executable and script.endswith("benchmarks/run_all.py") and passed == argv
+    monkeypatch.setattr(cli.subprocess, "call", lambda args: 1)
+    assert run("bench", *argv) == 1
+
+
+def test_bench_has_no_phantom_module():
+    """The CLI no longer refers to a `lminfinite.bench` module that does not exist."""
+    import inspect
+
+    assert "lminfinite.bench" not in inspect.getsource(cli) and "from .. import bench" not in inspect.getsource(cli)
+
+
+def test_run_all_quick_and_only(monkeypatch, tmp_path, capsys):
+    """--quick: small sizes into results/quick; --only NAME: that one rerun, the others' saved results reused;
+    --only without the others' results: a clear error before anything runs."""
+    run_all = _run_all()
+    seen = []
+
+    def fake(name, rows):
+        def main(argv):
+            seen.append((name, argv, run_all.common.RESULTS))
+            run_all.common.save(name, {}, rows)
+            return rows
+
+        return main
+
+    pre = [
+        {"method": m, "mult": k, "ms_per_token": 2.0 * k, "peak_rss_mb": 100.0}
+        for m in ("lminfinite", "vanilla")
+        for k in (1, 8)
+    ]
+    dec = [
+        {"method": m, "mult": k, "ms_per_token": 50.0 + k, "cache_mb": 4.0}
+        for m in ("lminfinite", "vanilla")
+        for k in (1, 8)
+    ]
+    sco = [{"kind": "lminfinite_score", "corpus": "c.txt", "tokens": 10, "tokens_per_s": 99.0, "peak_rss_mb": 1.0}]
+    monkeypatch.setattr(
+        run_all, "RUNS", {"prefill": fake("prefill", pre), "decode": fake("decode", dec), "score": fake("score", sco)}
+    )
+    monkeypatch.setattr(run_all, "DEFAULT_RESULTS", tmp_path)
+    with pytest.raises(SystemExit):
+        run_all.main(["--quick", "--only", "decode"])
+    assert "are not in" in capsys.readouterr().err and not seen
+    text = run_all.main(["--quick"])
+    assert seen == [(n, run_all.QUICK[n], tmp_path / "quick") for n in ("prefill", "decode", "score")]
+    assert (tmp_path / "quick" / "summary.md").read_text() == text and "decode time/token 8L/1L = 1.14" in text
+    assert "64L" not in text  # ratios of sizes that were not run are left out, not shown as nan
+    seen.clear()
+    run_all.main(["--quick", "--only", "score"])
+    assert seen == [("score", run_all.QUICK["score"], tmp_path / "quick")]
+    assert not (tmp_path / "summary.md").exists()
+
+
 def test_bench_without_benchmarks(monkeypatch, capsys):
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(cli, "bench_script", lambda: None)

@@ -141,6 +141,76 @@ def test_parse_methods():
             parse_methods(bad)
 
 
+def test_methods_are_objects():
+    """Each method is one object: its name, how it switches the model, whether it runs on a LambdaCache, and
+    (tested below) how it scores and generates; a list is parsed once."""
+    from lminfinite.eval.methods import LMInfinite, Method, Sinks, TopK, Truncate, Vanilla, parse
+
+    methods = parse("vanilla, lminfinite,truncate,sinks,topk:3:1")
+    assert [type(m) for m in methods] == [Vanilla, LMInfinite, Truncate, Sinks, TopK]
+    assert all(isinstance(m, Method) for m in methods)
+    assert [m.name for m in methods] == ["vanilla", "lminfinite", "truncate", "sinks", "topk:3:1"]
+    assert [m.cached for m in methods] == [False, True, False, True, True]
+    assert [m.enable_kwargs(10, 512) for m in methods] == [
+        None,
+        {"n_global": 10, "n_local": 512},
+        None,
+        {"n_global": 10, "n_local": 502, "limit_distance": 511, "sink_positions": "own"},
+        {"n_global": 10, "n_local": 512, "top_k": 3, "top_k_from_layer": 1},
+    ]
+    assert parse("topk")[0] == parse("topk:5:0")[0] and parse("topk")[0] != parse("topk:5:1")[0]
+    with pytest.raises(ValueError, match="n_local > n_global"):
+        methods[3].check(600, 512)
+
+
+@pytest.fixture
+def count_enables(monkeypatch):
+    """How many times the eval methods call lminfinite.enable."""
+    import lminfinite.eval.methods as methods_module
+
+    calls = []
+    real = methods_module.enable
+
+    def counting(model, **kwargs):
+        calls.append(kwargs)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(methods_module, "enable", counting)
+    return calls
+
+
+def test_evaluations_enable_each_method_once(stories, tinystories, count_enables):
+    """Once per method for a whole evaluation, not once per window or prompt."""
+    model, tok = stories
+    two_windows = texts.windows(tok, tinystories, 2, 520)
+    perplexity.evaluate(model, two_windows, ["vanilla", "lminfinite", "sinks"], 10, 512, progress=False)
+    assert [c.get("sink_positions", "zero") for c in count_enables] == ["zero", "own"]
+    count_enables.clear()
+    passkey.evaluate(model, tok, ["lminfinite"], [520], 2, 10, 512, answer_tokens=2, progress=False)
+    assert len(count_enables) == 1
+    count_enables.clear()
+    ids = texts.encode_prefix(tok, tinystories, 600)
+    generation.evaluate(model, tok, ids, ["topk:2"], [32, 64], 2, 10, 512, new_tokens=3, progress=False)
+    assert len(count_enables) == 1 and count_enables[0]["top_k"] == 2
+    assert not lminfinite.is_enabled(model)
+
+
+def test_every_method_generates_text_the_same_way(stories):
+    """`Method.text`: one generation path per method (lminfinite.stream for the cached ones), the same greedy
+    text inside the window, and seeded sampling for every method (vanilla included)."""
+    from lminfinite.eval.methods import parse
+
+    model, tok = stories
+    greedy_texts, sampled = [], []
+    for method in parse("vanilla,lminfinite,truncate,sinks,topk"):
+        with method.applied(model, 10, 512):
+            greedy_texts.append("".join(method.text(model, tok, "Once upon a time", 20, 512)))
+            sampling = {"do_sample": True, "temperature": 0.9, "top_k": 40}
+            sampled.append("".join(method.text(model, tok, "Once upon a time", 20, 512, sampling=sampling, seed=3)))
+    assert greedy_texts[0].startswith(", there was a little girl") and len(set(greedy_texts)) == 1
+    assert len(set(sampled)) == 1 and sampled[0] != greedy_texts[0]
+
+
 def test_topk_method_enables_top_k_and_equals_vanilla_inside_the_window(stories, window):
     model = stories[0]
     ids = window[0, :300]
@@ -266,6 +336,41 @@ def test_load_model_errors(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
     with pytest.raises(FileNotFoundError, match="set LMINFINITE_ASSETS to a folder holding models/stories260K/"):
         load_model("stories260K")
+
+
+def test_nll_plot_shows_every_method_and_a_useful_y_range():
+    """Methods with the same numbers stay visible (own marker, line style, size); the first positions' high
+    NLL does not stretch the y range, and the plot says so."""
+    rows = []
+    for method in ("vanilla", "lminfinite", "truncate", "sinks"):
+        for a, b, v in ((0, 1, 9.5), (1, 2, 6.0), (2, 4, 5.0), (4, 8, 4.0), (8, 16, 3.0), (16, 512, 1.4)):
+            rows.append(perplexity._row(method, a, b, 10, v))
+        rows.append(perplexity._row(method, 512, 1024, 10, 5.3 if method == "vanilla" else 1.41))
+    fig = plots.nll_figure(rows, "title", 512)
+    ax = fig.axes[0]
+    lines = [line for line in ax.get_lines() if line.get_label() in ("vanilla", "lminfinite", "truncate", "sinks")]
+    assert len(lines) == 4
+    assert len({line.get_marker() for line in lines}) == 4 and len({line.get_linestyle() for line in lines}) == 4
+    assert len({line.get_markersize() for line in lines}) == 4
+    low, high = ax.get_ylim()
+    assert low < 1.41 and 5.3 < high < 6.0  # vanilla's 5.3 past the window is in; position 0's 9.5 is not
+    assert "off the scale: NLL up to 9.50 at position 0" in ax.get_xlabel()
+
+
+def test_passkey_plot_says_when_the_model_cannot_do_the_task():
+    zeros = [
+        {"method": m, "length": n, "depth": "all", "accuracy": 0.0, "samples": 5}
+        for m in ("vanilla", "lminfinite")
+        for n in (512, 1024)
+    ]
+    [note] = plots.passkey_figure(zeros, "title", 512).axes[0].texts
+    assert "cannot do the passkey task" in note.get_text() and "inside its pretraining length" in note.get_text()
+    assert "note: every method scores 0" in report.passkey_table(zeros, 512)
+    some = zeros[:-1] + [{**zeros[-1], "accuracy": 0.2}]
+    assert len(plots.passkey_figure(some, "title", 512).axes[0].texts) == 0
+    assert "note" not in report.passkey_table(some, 512)
+    without_vanilla = [r for r in zeros if r["method"] != "vanilla"]
+    assert "--methods vanilla --lengths 512" in report.passkey_note(without_vanilla, 512)
 
 
 def test_plots_and_tables(tmp_path):

@@ -2,7 +2,7 @@
 
 Every plot has one line per method, a log-2 x axis and a dashed line at the pretraining length.
 Methods that give the same numbers (inside the window they all do) must stay visible: each has its
-own marker, line style and marker size, open and filled markers alternating. The NLL plot's y range
+own marker, line style and marker size (open markers, shrinking, so they nest where lines agree). The NLL plot's y range
 leaves out the first positions (little context, NLL far above the rest), saying so on the plot; a
 passkey plot where every answer was wrong says that the model cannot do the task.
 """
@@ -67,8 +67,9 @@ def _figure(series, title: str, xlabel: str, ylabel: str, pretraining_length: in
             ys,
             marker=MARKERS[i % len(MARKERS)],
             linestyle=LINESTYLES[i % len(LINESTYLES)],
-            ms=max(3.0, 8.0 - 1.2 * i),
-            mfc="none" if i % 2 else None,
+            ms=max(3.0, 10.0 - 2.2 * i),
+            mfc="none",  # open, shrinking markers nest inside each other where methods agree
+            mew=1.3,
             lw=1.4,
             label=method,
             zorder=3 + i,  # later (smaller) markers on top of earlier (larger) ones
@@ -114,16 +115,17 @@ def save(fig, path: str | os.PathLike) -> Path:
 def _nll_range(rows: list[dict], y: str) -> tuple[tuple[float, float] | None, str]:
     """The y range of the buckets past the first positions, and a note on the points it leaves out."""
     later = [r[y] for r in rows if r["bucket_end"] > FIRST_POSITIONS and math.isfinite(r[y])]
-    first = [r[y] for r in rows if r["bucket_end"] <= FIRST_POSITIONS and math.isfinite(r[y])]
-    if not later or not first:
+    if not later:
         return None, ""
     lo, hi = min(later), max(later)
     pad = 0.08 * (hi - lo) or 0.1 * abs(hi) or 0.1
     low, high = lo - pad, hi + pad
-    out = [v for v in first if not low <= v <= high]
+    out = [r for r in rows if r["bucket_end"] <= FIRST_POSITIONS and math.isfinite(r[y]) and not low <= r[y] <= high]
     if not out:
         return None, ""
-    note = f"positions < {FIRST_POSITIONS} (little context; {y} {min(out):.3g}-{max(out):.3g}) are off the scale"
+    end = max(r["bucket_end"] for r in out)
+    where = "position 0" if end == 1 else f"positions < {end}"
+    note = f"off the scale: {y.upper()} up to {max(r[y] for r in out):.2f} at {where} (too little context)"
     return (low, high), note
 
 
