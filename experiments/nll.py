@@ -193,7 +193,10 @@ def main(argv=None) -> None:
         f"{args.model}: NLL by position, {args.windows} window(s) of {args.length} tokens per text, "
         f"n_global={args.n_global}, n_local={args.n_local}"
     )
-    plot(records, methods, texts, args.plot_bucket, args.n_local, args.train_length, folder / f"{args.name}.png", title)
+    plotted = [t for t in texts if any(r["text"] == t for r in records)]
+    plot(
+        records, methods, plotted, args.plot_bucket, args.n_local, args.train_length, folder / f"{args.name}.png", title
+    )
 
 
 if __name__ == "__main__":
