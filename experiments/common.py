@@ -107,6 +107,18 @@ class Partial:
         return list(self.records.values())
 
 
+def command_line() -> str:
+    """This run's command as typed from the repository root (stored with each item it ran)."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return " ".join(["python", str(shown), *sys.argv[1:]])
+
+
+def commands(records: Iterable[dict]) -> list[str]:
+    """The distinct commands that ran the items of a report, in the order they first appear."""
+    return list(dict.fromkeys(r["command"] for r in records if r.get("command")))
+
+
 def item_key(*fields: object) -> str:
     return "|".join(str(f) for f in fields)
 

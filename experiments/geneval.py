@@ -13,13 +13,14 @@ overlap and every method continues the same cuts. One item = (position, sample, 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from common import (
     RESULTS,
     Partial,
     asset_path,
+    command_line,
+    commands,
     greedy_answer,
     item_key,
     load,
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
             ref = tokenizer.decode(segment[position : position + args.new_tokens], skip_special_tokens=True)
             record = {"position": position, "sample": sample, "method": method, "bleu": bleu(hyp, ref),
                       "rougeL": rouge_l(hyp, ref), "continuation": hyp, "reference": ref,
-                      "seconds": round(time.time() - t0, 1)}  # fmt: skip
+                      "seconds": round(time.time() - t0, 1), "command": command_line()}  # fmt: skip
             partial.add(item_key(position, sample, method), record)
             log(f"{position} {method}: BLEU {record['bleu']:.1f} ROUGE-L {record['rougeL']:.3f} {hyp[:60]!r}")
             bar.update()
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
     rows = summary(records)
     payload = {
         "experiment": "generation quality (BLEU / ROUGE-L of greedy continuations) by cut position",
-        "command": "python experiments/geneval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commands": commands(records),
         "settings": {**settings(args), "methods": methods, "positions": positions, "samples": args.samples},
         "missing": [k for k in (item_key(*i) for i in items) if k not in done],
         "results": rows,

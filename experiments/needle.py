@@ -14,13 +14,14 @@ method sees the same prompts. One item = (length, depth, sample, method), shorte
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from common import (
     RESULTS,
     Partial,
     asset_path,
+    command_line,
+    commands,
     greedy_answer,
     heatmaps,
     item_key,
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
             answer = tokenizer.decode(new, skip_special_tokens=True)
             record = {"length": length, "depth": depth, "sample": sample, "method": method, "word": word,
                       "prompt_tokens": len(prompt), "answer": answer, "correct": word in answer.lower(),
-                      "seconds": round(time.time() - t0, 1)}  # fmt: skip
+                      "seconds": round(time.time() - t0, 1), "command": command_line()}  # fmt: skip
             partial.add(item_key(length, depth, sample, method), record)
             log(f"{length} tokens, depth {depth}, {method}: {answer!r} ({word}) {record['seconds']} s")
             bar.update()
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
 
     payload = {
         "experiment": "needle (a fact sentence) in a real book, asked through the chat template",
-        "command": "python experiments/needle.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commands": commands(records),
         "settings": {
             **settings(args),
             "methods": methods,

@@ -16,7 +16,20 @@ import argparse
 import time
 
 import torch
-from common import RESULTS, Partial, item_key, load, log, parse_ints, parse_methods, progress, style, write_json
+from common import (
+    RESULTS,
+    Partial,
+    command_line,
+    commands,
+    item_key,
+    load,
+    log,
+    parse_ints,
+    parse_methods,
+    progress,
+    style,
+    write_json,
+)
 
 TEXTS = ("wikitext2_raw_test.raw", "peter_pan_pg16.txt")
 
@@ -169,6 +182,7 @@ def main(argv=None) -> None:
                     "window": k,
                     "method": method,
                     "seconds": seconds,
+                    "command": command_line(),
                     "nll": [round(float(x), 4) for x in nll],
                 },
             )
@@ -182,7 +196,7 @@ def main(argv=None) -> None:
     done = {item_key(r["text"], r["window"], r["method"]) for r in records}
     payload = {
         "experiment": "NLL by position (paper, Figure 1)",
-        "command": "python experiments/nll.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "commands": commands(records),
         "settings": {**settings(args), "texts": texts, "methods": methods, "chunk_size": args.chunk_size},
         "missing": [k for k in (item_key(*i) for i in items) if k not in done],
         "seconds": {item_key(r["text"], r["window"], r["method"]): round(r["seconds"], 1) for r in records},

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 
 from common import (
     RESULTS,
     Partial,
+    command_line,
+    commands,
     greedy_answer,
     heatmaps,
     item_key,
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
             answer = tokenizer.decode(new, skip_special_tokens=True)
             record = {"length": length, "depth": depth, "sample": sample, "method": method, "key": key,
                       "prompt_tokens": len(prompt), "answer": answer, "correct": is_correct(answer, key),
-                      "seconds": round(time.time() - t0, 1)}  # fmt: skip
+                      "seconds": round(time.time() - t0, 1), "command": command_line()}  # fmt: skip
             partial.add(item_key(length, depth, sample, method), record)
             log(f"{length} tokens, depth {depth}, {method}: {answer!r} (key {key}) {record['seconds']} s")
             bar.update()
@@ -110,7 +111,7 @@ def main(argv=None) -> None:
     done = {item_key(r["length"], r["depth"], r["sample"], r["method"]) for r in records}
     payload = {
         "experiment": "passkey retrieval by length and depth",
-        "command": "python experiments/passkey.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commands": commands(records),
         "settings": {
             **settings(args),
             "methods": methods,
