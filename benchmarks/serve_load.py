@@ -8,14 +8,20 @@ phase (whatever finished by then is counted).
 1. load: C clients (C = 1, 4, 16), each sending `--requests` streaming chat requests one after the other
    (fresh conversations, greedy, `--max-tokens` tokens with ignore_eos so every answer has the same length):
    requests/s, generated tokens/s, p50/p95 time to first token, p50 request latency.
-2. conversation: one client, `--turns` turns (or until the history passes `--history-mult` x n_local tokens),
-   greedy answers of `--turn-tokens` tokens, against the server with session reuse and against one started with
-   `--no-session-reuse`: latency and time to first token of every turn, prompt and prefilled tokens.
+2. conversation: one client whose user messages are paragraphs of `--turn-chars` characters (a user pasting
+   text), greedy answers of `--turn-tokens` tokens, until the history passes `--history-mult` x n_local tokens
+   (or `--turns`), against the server with session reuse and, in lockstep turn by turn, against a second one
+   started with `--no-session-reuse`: time to first token and latency of every turn, prompt and prefilled tokens.
 3. reuse rate: the same conversation with sampled answers (temperature 0.8, a seed) on the reuse server: how
    many turns continued their session by token prefix, by text splice, or missed.
 
-    python benchmarks/serve_load.py [--model stories260K] [--n-local 128] [--clients 1,4,16] [--requests 4]
-        [--max-tokens 32] [--turns 60] [--history-mult 10] [--turn-tokens 16] [--phase-seconds 240]
+Context: `raw_decode` is the model's own one-token forward speed in this process (a worker thread, no server),
+measured before and after; on a shared machine the absolute figures move with its load. The servers run with
+`--threads 1` by default: on the 2-core machine these figures come from, shared with other jobs, torch's two
+intra-op threads made a one-token forward of stories260K about 7x slower than one thread.
+
+    python benchmarks/serve_load.py [--model stories260K] [--n-local 256] [--clients 1,4,16] [--requests 4]
+        [--max-tokens 32] [--turn-chars 200] [--threads 1] [--turn-tokens 16] [--history-mult 10] [--phase-seconds 240]
 
 Writes benchmarks/results/serve_load.json and serve_load.png.
 """
@@ -69,6 +75,7 @@ class Server:
         cmd += ["--n-global", str(args.n_global), "--n-local", str(args.n_local), "--api-key", KEY]
         cmd += ["--max-concurrency", str(max(args.clients) + 4), "--max-tokens-cap", "4096", "--log-level", "warning"]
         cmd += [] if reuse else ["--no-session-reuse"]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while True:
@@ -115,6 +122,9 @@ def _raw_decode(args, steps: int) -> dict:
     import torch
 
     import lminfinite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, _ = lminfinite.load_model(args.model)
     lminfinite.enable(model, n_global=args.n_global, n_local=args.n_local)
@@ -198,52 +208,83 @@ async def load_phase(server: Server, clients: int, args) -> dict:
     }
 
 
-async def conversation(server: Server, args, label: str, sampled: bool = False) -> list[dict]:
-    client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=args.phase_seconds)
-    deadline = time.perf_counter() + args.phase_seconds
-    history: list[dict] = []
-    rows = []
-    kw = dict(temperature=0.8, seed=1234) if sampled else dict(temperature=0)
-    for turn in range(args.turns):
-        if time.perf_counter() > deadline:
-            break
-        history.append({"role": "user", "content": USER_LINES[turn % len(USER_LINES)]})
-        before = server.metrics()
-        r = await one_request(client, server.model, history, args.turn_tokens, **kw)
-        after = server.metrics()
-        history.append({"role": "assistant", "content": r.pop("content")})
-        lookups = {
-            k: after[f'lminfinite_session_lookups_total{{result="{k}"}}']
-            - before[f'lminfinite_session_lookups_total{{result="{k}"}}']
-            for k in ("token_prefix", "text_splice", "miss", "new", "disabled")
-        }
+def user_turns(n: int, chars: int) -> list[str]:
+    """`n` user messages of about `chars` characters: consecutive paragraphs of TinyStories (a user pasting text)."""
+    from lminfinite.models.assets import asset
+
+    text = asset("corpora", "tinystories_train_head.txt").read_text(encoding="utf-8")
+    out, pos = [], 0
+    while len(out) < n:
+        end = text.find(" ", pos + chars)
+        out.append(text[pos:end].strip())
+        pos = end
+    return out
+
+
+class Conversation:
+    """One client's conversation with one server: the turn loop's state and its per-turn rows."""
+
+    def __init__(self, server: Server, args, label: str, sampled: bool = False):
+        self.server, self.label = server, label
+        self.client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=args.phase_seconds)
+        self.kw = dict(temperature=0.8, seed=1234) if sampled else dict(temperature=0)
+        self.history: list[dict] = []
+        self.rows: list[dict] = []
+        self.tokens = args.turn_tokens
+
+    async def turn(self, message: str) -> dict:
+        self.history.append({"role": "user", "content": message})
+        before = self.server.metrics()
+        r = await one_request(self.client, self.server.model, self.history, self.tokens, **self.kw)
+        after = self.server.metrics()
+        self.history.append({"role": "assistant", "content": r.pop("content")})
+
+        def delta(name: str) -> int:
+            return int(after[name] - before[name])
+
+        kinds = ("token_prefix", "text_splice", "miss", "new", "disabled")
+        looked = {k: delta(f'lminfinite_session_lookups_total{{result="{k}"}}') for k in kinds}
         r.update(
-            server=label,
-            turn=turn + 1,
-            prefilled_tokens=int(
-                after["lminfinite_prefilled_tokens_total"] - before["lminfinite_prefilled_tokens_total"]
-            ),
-            lookup=max(lookups, key=lookups.get),
+            server=self.label,
+            turn=len(self.rows) + 1,
+            prefilled_tokens=delta("lminfinite_prefilled_tokens_total"),
+            lookup=max(looked, key=looked.get),
             server_rss_mb=round(after["lminfinite_process_resident_memory_bytes"] / 2**20, 1),
             cache_bytes=int(after["lminfinite_cache_bytes"]),
         )
-        rows.append(r)
-        if r["prompt_tokens"] + r["completion_tokens"] > args.history_mult * args.n_local and turn + 1 >= 8:
+        self.rows.append(r)
+        return r
+
+
+async def conversations(pairs: list[Conversation], args) -> None:
+    """Drive the conversations in lockstep (turn k on each server, one after the other), so that a change of the
+    machine's load hits them alike, until the history passes history_mult x n_local, --turns or the time limit."""
+    deadline = time.perf_counter() + args.phase_seconds
+    for message in user_turns(args.turns, args.turn_chars):
+        rows = [await c.turn(message) for c in pairs]
+        if time.perf_counter() > deadline or rows[0]["prompt_tokens"] > args.history_mult * args.n_local:
             break
-    await client.close()
-    return rows
+    for c in pairs:
+        await c.client.close()
 
 
 def summarize_turns(rows: list[dict], n_local: int) -> dict:
-    """Mean latency over the first turns (history < n_local) and the last ones (history past 10x n_local)."""
-    short = [r["latency_s"] for r in rows[1:] if r["prompt_tokens"] < n_local]
-    long = [r["latency_s"] for r in rows if r["prompt_tokens"] >= 8 * n_local]
+    """Medians over the turns whose history is shorter than n_local (first turn excluded), and over the last 5."""
+
+    def med(rows: list[dict], key: str):
+        return round(statistics.median(r[key] for r in rows), 4) if rows else None
+
+    short = [r for r in rows[1:] if r["prompt_tokens"] < n_local]
+    last = rows[-5:]
     return {
         "turns": len(rows),
         "last_prompt_tokens": rows[-1]["prompt_tokens"],
-        "latency_short_history_s": round(statistics.mean(short), 4) if short else None,
-        "latency_long_history_s": round(statistics.mean(long), 4) if long else None,
-        "prefilled_last_turn": rows[-1]["prefilled_tokens"],
+        "ttft_short_history_s": med(short, "ttft_s"),
+        "ttft_last5_s": med(last, "ttft_s"),
+        "latency_short_history_s": med(short, "latency_s"),
+        "latency_last5_s": med(last, "latency_s"),
+        "prefilled_last5": med(last, "prefilled_tokens"),
+        "server_rss_mb_first_last": [rows[0]["server_rss_mb"], rows[-1]["server_rss_mb"]],
     }
 
 
@@ -272,14 +313,16 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("time to first token")
     ax.legend()
     ax = axes[2]
-    for label, style in (("session reuse", "o-"), ("no session reuse", "s--")):
+    for label, color in (("session reuse", "C0"), ("no session reuse", "C3")):
         rows = [r for r in result["conversation"] if r["server"] == label]
-        ax.plot([r["prompt_tokens"] for r in rows], [r["latency_s"] for r in rows], style, ms=3, label=label)
+        x = [r["prompt_tokens"] for r in rows]
+        ax.plot(x, [r["ttft_s"] for r in rows], "o-", color=color, ms=3, label=f"{label}: time to first token")
+        ax.plot(x, [r["latency_s"] for r in rows], ":", color=color, label=f"{label}: turn latency")
     ax.axvline(result["config"]["n_local"], color="grey", lw=0.8, ls=":")
     ax.set_xlabel("history length (prompt tokens)")
-    ax.set_ylabel("turn latency (s)")
+    ax.set_ylabel("seconds")
     ax.set_title(f"long conversation, {result['config']['turn_tokens']} tokens per answer")
-    ax.legend()
+    ax.legend(fontsize=8)
     cfg = result["config"]
     fig.suptitle(f"lminfinite serve: {cfg['model']}, G={cfg['n_global']}, L={cfg['n_local']}, loopback")
     fig.tight_layout()
@@ -290,14 +333,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="stories260K")
     p.add_argument("--n-global", type=int, default=4)
-    p.add_argument("--n-local", type=int, default=128)
+    p.add_argument("--n-local", type=int, default=256)
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--requests", type=int, default=4, help="requests per client in the load phase")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer in the load phase")
     p.add_argument("--turns", type=int, default=60, help="most turns of the conversation")
+    p.add_argument("--turn-chars", type=int, default=200, help="characters per user message in the conversation")
     p.add_argument("--history-mult", type=float, default=10, help="stop the conversation past this x n_local")
     p.add_argument("--turn-tokens", type=int, default=16, help="tokens per answer in the conversation")
     p.add_argument("--phase-seconds", type=float, default=240, help="time limit of each phase")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the servers (0: torch's default)")
     p.add_argument("--out", default=str(RESULTS / "serve_load"), help="path without extension for .json and .png")
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -313,27 +358,32 @@ def main(argv=None) -> int:
             row = asyncio.run(load_phase(server, clients, args))
             print(json.dumps(row), flush=True)
             result["load"].append(row)
-        reuse_rows = asyncio.run(conversation(server, args, "session reuse"))
-        sampled = asyncio.run(conversation(server, args, "session reuse, sampled", sampled=True))
+        baseline = Server(args, reuse=False)
+        try:
+            reuse, fresh = Conversation(server, args, "session reuse"), Conversation(baseline, args, "no session reuse")
+            asyncio.run(conversations([reuse, fresh], args))
+        finally:
+            baseline.stop()
+        sampled = Conversation(server, args, "session reuse, sampled", sampled=True)
+        asyncio.run(conversations([sampled], args))
     finally:
         server.stop()
-    server = Server(args, reuse=False)
-    try:
-        baseline_rows = asyncio.run(conversation(server, args, "no session reuse"))
-    finally:
-        server.stop()
-    result["conversation"] = reuse_rows + baseline_rows
-    result["sampled_conversation"] = sampled
-    later = sampled[1:]
+    result["conversation"] = reuse.rows + fresh.rows
+    result["sampled_conversation"] = sampled.rows
+
+    def rate(rows: list[dict]) -> float:
+        return round(sum(r["lookup"] in ("token_prefix", "text_splice") for r in rows[1:]) / max(1, len(rows) - 1), 3)
+
     result["reuse_rate"] = {
-        "greedy": sum(r["lookup"] in ("token_prefix", "text_splice") for r in reuse_rows[1:])
-        / max(1, len(reuse_rows) - 1),
-        "sampled": sum(r["lookup"] in ("token_prefix", "text_splice") for r in later) / max(1, len(later)),
-        "sampled_by_kind": {k: sum(r["lookup"] == k for r in later) for k in ("token_prefix", "text_splice", "miss")},
+        "greedy": rate(reuse.rows),
+        "sampled": rate(sampled.rows),
+        "sampled_by_kind": {
+            k: sum(r["lookup"] == k for r in sampled.rows[1:]) for k in ("token_prefix", "text_splice", "miss")
+        },
     }
     result["summary"] = {
-        "session reuse": summarize_turns(reuse_rows, args.n_local),
-        "no session reuse": summarize_turns(baseline_rows, args.n_local),
+        "session reuse": summarize_turns(reuse.rows, args.n_local),
+        "no session reuse": summarize_turns(fresh.rows, args.n_local),
     }
     result["raw_decode_after"] = raw_decode(args)  # the machine may have changed meanwhile
     result["seconds"] = round(time.perf_counter() - start, 1)

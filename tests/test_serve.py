@@ -47,6 +47,16 @@ def start(**config) -> ServerThread:
     return ServerThread(app).start()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for this module: on a small machine shared with other jobs, two OpenMP threads make the
+    many small forwards of this tiny model several times slower (the result is the same)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def server():
     srv = start(api_keys=(KEY_A, KEY_B))
@@ -265,6 +275,22 @@ def test_lru_and_memory_eviction():
         m = metrics(srv)
         assert m['lminfinite_sessions_evicted_total{reason="memory"}'] >= 1
         assert m["lminfinite_cache_bytes"] <= 1.5 * one_session
+    finally:
+        srv.stop()
+
+
+def test_no_session_reuse_prefills_every_prompt():
+    srv = start(session_reuse=False)
+    try:
+        c = client(srv, "unused")
+        history = [{"role": "user", "content": "Tell me a story."}]
+        text, _, first = chat(c, history, 6)
+        history += [{"role": "assistant", "content": text}, {"role": "user", "content": "More."}]
+        _, _, second = chat(c, history, 6)
+        m = metrics(srv)
+        assert second.prompt_tokens_details.cached_tokens == 0
+        assert m["lminfinite_prefilled_tokens_total"] == first.prompt_tokens + second.prompt_tokens
+        assert lookups(m, "disabled") == 2 and m["lminfinite_sessions"] == 0 and m["lminfinite_cache_bytes"] == 0
     finally:
         srv.stop()
 

@@ -57,6 +57,11 @@ def add_command(sub, model_options) -> None:
     g.add_argument("--served-model-name", help="model id clients send (default: --model, or a file's stem)")
     g.add_argument("--log-prompts", action="store_true", help="log prompt text (off: only sizes and timings)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch intra-op threads (default: torch's choice; on a small or busy CPU, 1 can be much faster)",
+    )
     s = p.add_argument_group("sessions and limits")
     s.add_argument("--max-sessions", type=nonneg_int, default=64, help="kept conversations, all keys together")
     s.add_argument("--max-cache-mb", type=positive_float, default=1024.0, help="memory budget of all kept caches")
@@ -126,6 +131,10 @@ def run_serve(args) -> int:
         raise CliError(str(e)) from None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         _say(f"lminfinite: warning: serving on {args.host} without an API key: anyone who can reach it can use it")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer, _ = _setup(args)
     lminfinite.enable(model, n_global=args.n_global, n_local=args.n_local)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

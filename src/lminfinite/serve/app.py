@@ -179,7 +179,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
             chunks.append(chunk)
         return parse_json(b"".join(chunks))
 
-    def admit_job(request: Request, namespace: str, prompt, params, rid: str) -> tuple[Job, asyncio.Queue]:
+    def admit_job(namespace: str, prompt, params, rid: str, arrival: float) -> tuple[Job, asyncio.Queue]:
         if not scheduler.alive:
             raise errors.unavailable("the model worker is not running")
         if not scheduler.try_admit():
@@ -192,8 +192,8 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
             prompt=prompt,
             params=params,
             send=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            deadline=time.perf_counter() + config.request_timeout,
             timeout_s=config.request_timeout,
+            arrival=arrival,
         )
         scheduler.submit(job)
         return job, events
@@ -268,10 +268,10 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         if config.log_prompts:
             log.info("request %s prompt: %r", rid, what)
 
-    async def run(request: Request, namespace: str, prompt, req, chat: bool):
+    async def run(request: Request, namespace: str, prompt, req, chat: bool, arrival: float):
         rid = new_id("chatcmpl" if chat else "cmpl")
         log_prompt(rid, req.messages if chat else req.prompt)
-        job, events = admit_job(request, namespace, prompt, req.params, rid)
+        job, events = admit_job(namespace, prompt, req.params, rid, arrival)
         if req.stream:
             return StreamingResponse(
                 stream(job, events, chat, req.model, req.include_usage),
@@ -290,19 +290,21 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrival = time.perf_counter()
         namespace = authenticate(request)
         req = parse_chat(await read_json(request), config.served_names, limits)
         prompt = await run_in_threadpool(chat_prompt, tokenizer, req.messages, char_check("messages"))
         check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "messages")
-        return await run(request, namespace, prompt, req, chat=True)
+        return await run(request, namespace, prompt, req, True, arrival)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        arrival = time.perf_counter()
         namespace = authenticate(request)
         req = parse_completion(await read_json(request), config.served_names, limits)
         prompt = await run_in_threadpool(completion_prompt, tokenizer, req.prompt, char_check("prompt"))
         check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "prompt")
-        return await run(request, namespace, prompt, req, chat=False)
+        return await run(request, namespace, prompt, req, False, arrival)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "lminfinite"}

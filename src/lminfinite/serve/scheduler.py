@@ -11,7 +11,7 @@ left-padded batch and splits them again, so one forward serves one request. (Bat
 GPU; on the CPU a 1-token forward of a small model is dominated by per-call overhead either way.)
 
 Admission (`try_admit`) bounds the requests in flight (queued or running) by `max_concurrency`; the
-HTTP layer answers 429 beyond it. A request stops at its deadline (`--request-timeout`) or when its
+HTTP layer answers 429 beyond it. A request stops `--request-timeout` seconds after it arrived or when its
 `cancel` event is set (the client went away); its slot is freed as soon as the worker retires it.
 Events go back to the request's asyncio queue through `loop.call_soon_threadsafe`.
 """
@@ -55,14 +55,14 @@ class Job:
     prompt: Prompt
     params: GenParams
     send: Callable[[Event], None]
-    deadline: float
-    timeout_s: float
-    arrival: float = field(default_factory=time.perf_counter)
+    timeout_s: float  # from arrival to the end
+    arrival: float = field(default_factory=time.perf_counter)  # when the request came in (perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
     # worker state
     phase: str = "new"  # new, prefill, decode, done
     session: Session | None = None
-    to_feed: list[int] = field(default_factory=list)
+    to_feed: list[int] = field(default_factory=list)  # prompt tokens to feed; to_feed[fed:] are still due
+    fed: int = 0
     prompt_tokens: int = 0
     reused: int = 0
     prefilled: int = 0
@@ -273,12 +273,13 @@ class Scheduler:
         job.t_prefill = time.perf_counter()
 
     def _prefill_step(self, job: Job) -> None:
-        chunk, job.to_feed = job.to_feed[: self.step_tokens], job.to_feed[self.step_tokens :]
+        chunk = job.to_feed[job.fed : job.fed + self.step_tokens]
         logits = self.engine.forward(chunk, job.session.cache)
         job.session.consume(chunk)
+        job.fed += len(chunk)
         job.prefilled += len(chunk)
         self.metrics.prefilled_tokens.inc(len(chunk))
-        if job.to_feed:
+        if job.fed < len(job.to_feed):
             return
         self.metrics.prefill_time.observe(time.perf_counter() - job.t_prefill)
         job.phase = "decode"
@@ -337,14 +338,14 @@ class Scheduler:
         job.outcome, job.phase = outcome, "done"
         s = job.session
         if s is not None:
-            if job.last_token is not None and job.generated:
+            # once a token was generated, the session's text is the prompt's plus the whole answer (a session cut
+            # during its prefill keeps only its token fingerprint)
+            if job.generated:
                 if pending is None:  # cancelled or timed out while decoding: the last token was not consumed
                     pending = (job.last_token,)
-                answer = job.decoder.text + job.decoder.flush() if job.decoder else ""
+                answer = job.decoder.text + job.decoder.flush()
                 text = None if job.prompt.text is None else job.prompt.text + answer
                 s.set_text(text, pending)
-            elif not job.to_feed and job.prompt.text is not None and s.n_consumed == job.prompt_tokens:
-                s.set_text(job.prompt.text, ())
             self.store.release(s, keep=self.session_reuse)
         self.release_slot()
         log.info(
