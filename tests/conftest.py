@@ -1,12 +1,20 @@
-"""Shared fixtures: tiny random models of each supported family, and the real assets."""
+"""Shared fixtures: the real assets (stories260K); helpers for tests are in helpers.py.
+
+Tests run torch on one thread unless LMINFINITE_TEST_THREADS says otherwise: their tensors are tiny, and
+on a busy 2-core machine a second thread's spin-waits made a 3-row decode step 100x slower.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 import transformers
 
 from lminfinite.models.assets import asset
+
+torch.set_num_threads(int(os.environ.get("LMINFINITE_TEST_THREADS", "1")))
 
 
 def tiny_config(family: str, **overrides):

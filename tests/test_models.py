@@ -268,3 +268,16 @@ def test_training_gradients_beyond_the_window_equal_the_naive_kernel():
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     torch.testing.assert_close(grads("torch"), grads("naive"), atol=1e-5, rtol=1e-4)
+
+
+def test_a_batch_whose_rows_all_start_with_one_pad_token_equals_naive():
+    """Found by the property tests: keys [-1, 0, 1, ...] looked like a gap-free run to the chunked kernel,
+    which then attended the padding column on its fused band path."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 101, (1, 60))
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    lminfinite.enable(model, n_global=3, n_local=16, backend="naive")
+    ref = _logits(model, ids, mask)
+    lminfinite.enable(model, n_global=3, n_local=16)
+    torch.testing.assert_close(_logits(model, ids, mask)[0, 1:], ref[0, 1:], atol=1e-5, rtol=1e-5)

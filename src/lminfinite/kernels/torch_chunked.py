@@ -57,7 +57,7 @@ def _contiguous_from(k_idx, q_idx, n_local, n_candidates) -> int | None:
             continue
         tail = k_idx[:, c0:]
         expected = tail[:1, :1] + torch.arange(Tk - c0, device=k_idx.device)
-        if not bool((tail == expected).all()):
+        if not bool((tail == expected).all()) or int(tail[0, 0]) < 0:  # a run starting at -1: padding first
             continue
         if c0 == 0 or int(q_idx.min()) - n_local + 1 >= int(tail[0, 0]):
             return c0
