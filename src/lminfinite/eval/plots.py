@@ -3,7 +3,8 @@
 Every plot has one line per method, a log-2 x axis and a dashed line at the pretraining length.
 Methods that give the same numbers (inside the window they all do) must stay visible: each has its
 own marker, line style and marker size (open markers, shrinking, so they nest where lines agree). The NLL plot's y range
-leaves out the first positions (little context, NLL far above the rest), saying so on the plot; a
+leaves out position 0 (the first prediction, after BOS alone: NLL far above the rest), saying so
+on the plot; a
 passkey plot where every answer was wrong says that the model cannot do the task.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 from .errors import BadValue, MissingDependency
@@ -18,7 +20,7 @@ from .report import check_output_path, passkey_note
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", "-.", ":")
-FIRST_POSITIONS = 16  # NLL buckets ending at or before this position do not set the y range
+FIRST_POSITIONS = 1  # NLL buckets ending at or before this position (position 0 only) do not set the y range
 
 
 def _pyplot():
@@ -87,11 +89,10 @@ def _figure(series, title: str, xlabel: str, ylabel: str, pretraining_length: in
         ax.text(
             0.5,
             0.5,
-            note,
+            textwrap.fill(note, 60),
             transform=ax.transAxes,
             ha="center",
             va="center",
-            wrap=True,
             fontsize=9,
             bbox={"boxstyle": "round", "facecolor": "lightyellow", "edgecolor": "gray"},
             zorder=20,
@@ -130,7 +131,7 @@ def _nll_range(rows: list[dict], y: str) -> tuple[tuple[float, float] | None, st
 
 
 def nll_figure(rows: list[dict], title: str, pretraining_length: int | None = None, y: str = "nll"):
-    """NLL (or `y="ppl"`) against the centre of each position bucket; the first positions do not set the range."""
+    """NLL (or `y="ppl"`) against the centre of each position bucket; position 0 does not set the range."""
     series = _series(rows, lambda r: (r["bucket_start"] + r["bucket_end"]) / 2, y)
     ylabel = "perplexity" if y == "ppl" else "NLL (nats/token)"
     ylim, clipped = _nll_range(rows, y)
