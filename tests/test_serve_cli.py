@@ -67,7 +67,7 @@ def test_cli_server_long_conversation_flat_rss(tmp_path):
         "--n-local",
         "64",
     ]
-    cmd += ["--port", str(port), "--api-key-file", str(keys), "--log-level", "warning"]
+    cmd += ["--port", str(port), "--api-key-file", str(keys), "--log-level", "warning", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -100,6 +100,9 @@ def test_cli_server_long_conversation_flat_rss(tmp_path):
         assert m['lminfinite_session_lookups_total{result="token_prefix"}'] == turn - 1
         assert m["lminfinite_sessions"] == 1
         growth = (rss[-1] - rss[5]) / 2**20
+        print(
+            f"server RSS {rss[5] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB from turn 5 to turn {turn} ({total} tokens)"
+        )
         assert growth < 8, f"server RSS grew by {growth:.1f} MiB from turn 5 to turn {turn} ({total} tokens)"
     finally:
         proc.send_signal(signal.SIGINT)
