@@ -116,7 +116,7 @@ def plot(
         mine = [r for r in records if r["text"] == text]
         n = max((len(r["nll"]) for r in mine), default=0)
         edges = list(range(0, n + width, width))
-        for row_method in methods:
+        for number, row_method in enumerate(methods):
             rows = [r for r in bucket_rows([r for r in mine if r["method"] == row_method], edges) if r["text"] == text]
             if not rows:
                 continue
@@ -128,9 +128,11 @@ def plot(
                 marker=marker,
                 color=colour,
                 label=row_method,
-                markersize=4,
-                linewidth=1.2,
-                markevery=max(1, len(xs) // 16),
+                markersize=5,
+                linewidth=2.4 if number == 1 else 1.2,  # drawn under the others, which often coincide with it
+                linestyle=("-", "-", "--", ":", "-.")[number % 5],
+                markevery=(number % 4, 4),  # markers of coinciding curves on different points
+                zorder=3 - 0.1 * number,
             )
         ax.axvline(n_local, color="grey", linestyle="--", linewidth=1)
         label = f" n_local = {n_local}" + (" = training length" if n_local == train_length else "")
