@@ -7,8 +7,9 @@ at most --max-new-tokens long. Writes results/chat_memory/chat_memory_L{n_local}
 cache size against tokens seen, with the size a full KV cache would have, computed from the model's
 shape, for comparison).
 
-    nice -n 10 .venv/bin/python benchmarks/chat_memory.py --n-local 512 --tokens 5632 --max-new-tokens 32
-    nice -n 10 .venv/bin/python benchmarks/chat_memory.py --n-local 8192 --tokens 9216 --passage-words 600
+    nice -n 10 .venv/bin/python benchmarks/chat_memory.py --n-local 512 --tokens 20480 --max-new-tokens 32 --threads 1
+    nice -n 10 .venv/bin/python benchmarks/chat_memory.py --n-local 8192 --tokens 12288 --passage-words 600 \
+        --max-new-tokens 32 --threads 1
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=3600, help="stop after this long (the JSON says so)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out-dir", default=str(ROOT / "results" / "chat_memory"))
+    p.add_argument("--replot", metavar="JSON", help="only redraw the PNG beside a results JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -180,10 +186,10 @@ def plot(payload: dict, path: Path) -> None:
     bottom.set_ylabel("KV cache (MB)")
     bottom.set_xlabel("tokens in the conversation")
     window = payload["n_global"] + payload["n_local"]
-    for ax in (top, bottom):
+    for ax, where in ((top, "lower right"), (bottom, "upper left")):
         ax.axvline(window, color="red", linewidth=0.8, linestyle=":", label=f"G + L = {window}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc=where, fontsize=8)
     s = payload["summary"]
     fig.suptitle(
         f"{payload['model']}: chat of {s['turns']} turns, {s['tokens_seen']} tokens, "
