@@ -271,7 +271,7 @@ def test_chat_command_in_process(monkeypatch, capsys):
         (["--temperature", "nan"], "temperature"),
         (["--temperature", "0"], "temperature"),
         (["--top-p", "2"], "top-p"),
-        (["--sample-top-k", "0"], "positive"),
+        (["--sample-top-k", "-1"], "integer >= 0"),
         (["--system", "Be brief."], "no chat template"),
         (["--max-new-tokens", "-1"], "max-new-tokens"),
     ],

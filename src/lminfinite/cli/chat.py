@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 
-from . import CliError, new_command, nonneg_int, positive_int
+from . import CliError, new_command, nonneg_int
 
 DESCRIPTION = """Chat with a model in the terminal, for as long as you like: the conversation lives in one
 LM-Infinite cache (the first --n-global tokens and the last --n-local), so memory stays flat however long
@@ -67,9 +67,9 @@ def add_command(sub, model_options) -> None:
     g.add_argument("--top-p", type=top_p_arg, help="nucleus sampling: keep the smallest set of mass top-p, in (0, 1]")
     g.add_argument(
         "--sample-top-k",
-        type=positive_int,
+        type=nonneg_int,
         metavar="K",
-        help="sample among the K most likely tokens (not LM-Infinite's top-k middle tokens)",
+        help="sample among the K most likely tokens; 0 or unset: all (not LM-Infinite's top-k middle tokens)",
     )
     r = p.add_argument_group("remote (instead of loading --model)")
     r.add_argument(
