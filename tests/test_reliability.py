@@ -297,6 +297,8 @@ def test_stream_interrupted_inside_a_forward_refuses_the_cache(where, fresh):
             lminfinite.prefill(model, torch.tensor([tok.encode(" Then", add_special_tokens=False)]), cache=cache)
     fresh_cache = LambdaCache.for_model(model)
     assert "".join(lminfinite.stream(model, tok, PROMPT, cache=fresh_cache, max_new_tokens=8)).startswith(", there")
+    cache.reset()  # emptied: usable again
+    assert "".join(lminfinite.stream(model, tok, PROMPT, cache=cache, max_new_tokens=8)).startswith(", there")
 
 
 def test_generate_stream_ctrl_c_in_process(fresh, monkeypatch, capsys):

@@ -137,8 +137,8 @@ def stream(
     - The stop happens inside this call's own work (a KeyboardInterrupt or an error during a model
       forward or the prompt's prefill): if the cache was not touched yet, it is as before the call;
       otherwise it may be incomplete or its layers out of step, and it is refused: the next `stream()`
-      with it raises ValueError ("make a new cache"), and any forward with a cache whose forward was cut
-      short raises ValueError too. It is never silently continued.
+      with it raises ValueError ("make a new cache", or empty it with `cache.reset()`), and any forward
+      with a cache whose forward was cut short raises ValueError too. It is never silently continued.
     The generator must be closed (or run to its end) while the model is still enabled; a cache whose
     last token could not be fed because the model was disabled first is refused the same way.
     """
@@ -147,10 +147,12 @@ def stream(
     if cache is None:
         cache = LambdaCache.for_model(model)
     elif cache in _UNUSABLE:
-        raise ValueError(
-            "this LambdaCache was left incomplete by an interrupted stream() (stopped inside a forward or the "
-            "prompt's prefill); make a new cache (LambdaCache.for_model(model))"
-        )
+        if cache.get_seq_length() > 0:
+            raise ValueError(
+                "this LambdaCache was left incomplete by an interrupted stream() (stopped inside a forward or the "
+                "prompt's prefill); make a new cache (LambdaCache.for_model(model)) or empty it (cache.reset())"
+            )
+        _UNUSABLE.discard(cache)  # emptied with reset(): usable again
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
         raise ValueError(f"max_new_tokens must be None or an int >= 0, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
