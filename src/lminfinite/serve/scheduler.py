@@ -231,8 +231,8 @@ class Scheduler:
             return self._retire(job, "cancelled")
         if time.perf_counter() - job.arrival > job.timeout_s:
             self.metrics.timeouts.inc()
-            self._send(job, Event("error", error=errors.timeout(job.timeout_s)))
-            return self._retire(job, "timeout")
+            self._retire(job, "timeout")
+            return self._send(job, Event("error", error=errors.timeout(job.timeout_s)))
         try:
             if job.phase == "new":
                 self._begin(job)
@@ -321,16 +321,17 @@ class Scheduler:
         return usage(job.prompt_tokens, len(job.generated), job.reused)
 
     def _finish(self, job: Job, reason: str, pending: tuple[int, ...]) -> None:
-        """A normal end: the session keeps the consumed ids; its text is the prompt text + the whole answer."""
-        self._send(job, Event("done", finish_reason=reason, usage=self._usage(job)))
+        """A normal end: the session keeps the consumed ids; its text is the prompt text + the whole answer.
+        The slot is freed before the client hears of the end, so its next request is admitted."""
         self._retire(job, reason, pending)
+        self._send(job, Event("done", finish_reason=reason, usage=self._usage(job)))
 
     def _fail(self, job: Job, error: errors.APIError) -> None:
-        self._send(job, Event("error", error=error))
         if job.session is not None:
             self.store.drop(job.session)
             job.session = None
         self._retire(job, "error")
+        self._send(job, Event("error", error=error))
 
     def _retire(self, job: Job, outcome: str, pending: tuple[int, ...] | None = None) -> None:
         if job.phase == "done":
