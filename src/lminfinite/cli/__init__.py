@@ -54,7 +54,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if (
             not action.option_strings
             or "default" in text.lower()
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
             or (isinstance(default, list) and not default)
         ):
             return text
@@ -253,9 +255,9 @@ only recent tokens: strided sliding windows of L, stride L/2), sinks (StreamingL
 sinks: G starting tokens + L - G recent ones, positions assigned inside the cache).""",
     "passkey": """Passkey retrieval as in the paper's code: a 5-digit key hidden at a random depth of filler text,
 asked for at the end; greedy answer; accuracy by prompt length and depth.""",
-    "generate": """Generate text from a prompt, greedy unless --do-sample. lminfinite, sinks and topk stream through
-a bounded cache; vanilla (growing cache) and truncate (recomputes the last L tokens) are baselines.
-Ctrl-C stops it (exit code 130) and keeps what was printed.""",
+    "generate": """Generate text from a prompt, greedy unless --do-sample. lminfinite and sinks run on a bounded
+cache (topk keeps every token); vanilla (growing cache) and truncate (recomputes the last L tokens)
+are the baselines. Ctrl-C stops it (exit code 130) and keeps what was printed.""",
     "gen-eval": """Cut a long text at several positions, generate the next tokens greedily with each method, and
 score them against the true continuation (BLEU with sacrebleu, ROUGE-L with rouge-score).""",
     "demo": """The main job: stories260K (512-token context) on TinyStories, 4 windows of 4096 tokens, G=10,
