@@ -7,8 +7,8 @@ the model.
 
 Requests are NOT batched together: every conversation has its own LambdaCache (starting tokens +
 window at its own positions), and the library has no operation that stacks separate caches into one
-left-padded batch and splits them again, so one forward serves one request. (Batching would pay on a
-GPU; on the CPU a 1-token forward of a small model is dominated by per-call overhead either way.)
+left-padded batch and splits them again, so one forward serves one request. (Batching them would be the
+next speed-up, above all on a GPU.)
 
 Admission (`try_admit`) bounds the requests in flight (queued or running) by `max_concurrency`; the
 HTTP layer answers 429 beyond it. A request stops `--request-timeout` seconds after it arrived or when its
