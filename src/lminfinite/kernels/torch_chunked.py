@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..positions import Alibi
 from ..rule import local_rule
@@ -192,9 +193,8 @@ class _KeyBias:
 
 def _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi, block_size):
     B, H, Tq, _ = q.shape
-    Hkv, Tk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    Hkv, dv = k.shape[1], v.shape[-1]
     rep = H // Hkv
-    offset = Tk - Tq  # key column of query t is t + offset
     # About 32M float32 scores per block at most, and a block no longer than the window.
     bq = block_size or max(16, min(n_local, 32 * 2**20 // max(1, H * (n_local + candidates(far)))))
 
@@ -202,23 +202,37 @@ def _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap
     # (like the naive reference), so bf16/fp16 inputs are not rounded before the softmax.
     q5 = (q.float() * scaling).view(B, Hkv, rep, Tq, -1)
     out = q.new_empty(B, H, Tq, dv)
+    # With autograd recording (training), each block is recomputed in backward rather than keeping its
+    # (queries x band) scores: what a layer keeps for backward is then O(n) in the inputs' size, not O(n L).
+    record = _records_grad(q, k, v, far)
+    args = (q5, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi)
     for s in range(0, Tq, bq):
         e = min(s + bq, Tq)
-        n = e - s
-        lo, hi = max(0, s + offset - n_local + 1), e + offset
-        qb = q5[:, :, :, s:e].reshape(B, Hkv, rep * n, -1)
-        scores = (qb @ k[:, :, lo:hi].float().transpose(-1, -2)).view(B, Hkv, rep, n, hi - lo)
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        qi, ki = q_idx[:, s:e, None], k_idx[:, None, lo:hi]
-        if alibi is not None:
-            scores = scores + alibi.bias((qi - ki)[:, None, None], (1, Hkv, rep))
-        scores = scores.masked_fill(~local_rule(qi, ki, n_local)[:, None, None], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.clamp(min=NEG)[..., None]).to(v.dtype)
-        ob = (probs.reshape(B, Hkv, rep * n, hi - lo) @ v[:, :, lo:hi]).view(B, H, n, dv)
-        pieces = [(ob, lse.view(B, H, n))]
-        if far:
-            pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, scaling, rep, softcap))
-        out[:, :, s:e] = merge(pieces)
+        if record:
+            out[:, :, s:e] = checkpoint(_masked_block, s, e, *args, use_reentrant=False)
+        else:
+            out[:, :, s:e] = _masked_block(s, e, *args)
     return out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)
+
+
+def _masked_block(s, e, q5, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi):
+    """Queries [s, e) on the masked path: their band of keys under the Λ rule's mask, and the far keys."""
+    B, Hkv, rep, Tq, _ = q5.shape
+    H, dv, n = Hkv * rep, v.shape[-1], e - s
+    offset = k.shape[2] - Tq  # key column of query t is t + offset
+    lo, hi = max(0, s + offset - n_local + 1), e + offset
+    qb = q5[:, :, :, s:e].reshape(B, Hkv, rep * n, -1)
+    scores = (qb @ k[:, :, lo:hi].float().transpose(-1, -2)).view(B, Hkv, rep, n, hi - lo)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    qi, ki = q_idx[:, s:e, None], k_idx[:, None, lo:hi]
+    if alibi is not None:
+        scores = scores + alibi.bias((qi - ki)[:, None, None], (1, Hkv, rep))
+    scores = scores.masked_fill(~local_rule(qi, ki, n_local)[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.clamp(min=NEG)[..., None]).to(v.dtype)
+    ob = (probs.reshape(B, Hkv, rep * n, hi - lo) @ v[:, :, lo:hi]).view(B, H, n, dv)
+    pieces = [(ob, lse.view(B, H, n))]
+    if far:
+        pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, scaling, rep, softcap))
+    return merge(pieces)
