@@ -10,58 +10,10 @@ import os
 
 import pytest
 import torch
-import transformers
 
 from lminfinite.models.assets import asset
 
 torch.set_num_threads(int(os.environ.get("LMINFINITE_TEST_THREADS", "1")))
-
-
-def tiny_config(family: str, **overrides):
-    """A small config of `family` with GQA (8 query heads, 2 kv heads) and a 32-token context."""
-    common = dict(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    common.update(overrides)
-    cls = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-    }[family]
-    if family == "qwen3":
-        common.setdefault("head_dim", 8)
-    if family == "mistral":
-        common.setdefault("sliding_window", None)
-    return cls(**common)
-
-
-def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
-    torch.manual_seed(seed)
-    config = tiny_config(family, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return model.to(dtype).eval()
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
-
-
-def assert_greedy_equals_naive_recomputation(model, prompt: torch.Tensor, max_new_tokens: int, **settings) -> None:
-    """Greedy `generate()` of the enabled model (its LambdaCache) picks, at every step, the token that
-    the naive kernel picks when it recomputes the whole history without a cache."""
-    import lminfinite
-
-    gen = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    lminfinite.enable(model, backend="naive", **settings)
-    with torch.no_grad():
-        logits = model(input_ids=gen[:, :-1], use_cache=False).logits
-    assert torch.equal(logits[:, prompt.shape[1] - 1 :].argmax(-1), gen[:, prompt.shape[1] :])
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +29,26 @@ def stories(stories_path):
     from lminfinite.models.llama2c import load_llama2c
 
     return load_llama2c(stories_path)
+
+
+@pytest.fixture(autouse=True)
+def _stories_left_as_found(request):
+    """A test that used the shared stories260K model leaves it unmodified, whatever it did or how it ended."""
+    yield
+    if "stories" in request.fixturenames:
+        import lminfinite
+
+        lminfinite.disable(request.getfixturevalue("stories")[0])
+
+
+@pytest.fixture
+def lambda_stories(stories):
+    """stories260K enabled with LM-Infinite (G=10, L=512) for one test, disabled afterwards even if it fails."""
+    import lminfinite
+
+    model, tok = stories
+    lminfinite.enable(model, n_global=10, n_local=512)
+    try:
+        yield model, tok
+    finally:
+        lminfinite.disable(model)

@@ -92,3 +92,98 @@ class CharTokenizer:
 
     def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
         return "".join(chr(i) for i in token_ids if i > 2)
+
+
+# ----------------------------------------------------------------------------------- the family matrix
+
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.1,  # larger than the default 0.02: sharper attention, so position errors show
+)
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0, 1.1, 1.3, 1.6],
+    "long_factor": [2.0, 3.0, 5.0, 9.0],
+    "original_max_position_embeddings": 32,
+    "partial_rotary_factor": 0.5,
+}
+# GPT-J and CodeGen: interleaved rotary on 8 dims, a sin/cos table of 32 positions.
+GPTJ_LIKE = dict(vocab_size=V, n_embd=64, n_head=4, rotary_dim=8, n_positions=32, initializer_range=0.1)
+GPTJ_LIKE.update(bos_token_id=1, eos_token_id=2)
+
+
+def _gemma3(layers, window=8, types=None):
+    types = types or (["sliding_attention", "full_attention"] if layers == 2 else ["full_attention"])
+    return transformers.Gemma3TextConfig(
+        **COMMON, num_hidden_layers=layers, head_dim=16, sliding_window=window, layer_types=types
+    )
+
+
+# family -> function(num_layers) -> config: one tiny config per supported family, each with the feature it
+# adds. A 1-layer config has a global-branch layer (full attention, or a sliding window wider than the
+# n_local the tests use) so the distance cap can be observed.
+FAMILY_CONFIGS = {
+    "llama": lambda n: transformers.LlamaConfig(**COMMON, num_hidden_layers=n),
+    "mistral": lambda n: transformers.MistralConfig(**COMMON, num_hidden_layers=n, sliding_window=None),
+    # Sliding window wider than the tests' n_local (16) but inside the context: cut to the Λ shape.
+    "mistral_wide_window": lambda n: transformers.MistralConfig(**COMMON, num_hidden_layers=n, sliding_window=24),
+    "qwen2": lambda n: transformers.Qwen2Config(**COMMON, num_hidden_layers=n),
+    "qwen3": lambda n: transformers.Qwen3Config(**COMMON, num_hidden_layers=n, head_dim=16),
+    "olmo2": lambda n: transformers.Olmo2Config(**COMMON, num_hidden_layers=n),
+    "phi3": lambda n: transformers.Phi3Config(**COMMON, num_hidden_layers=n),
+    "phi3_longrope": lambda n: transformers.Phi3Config(
+        **{**COMMON, "max_position_embeddings": 128},
+        num_hidden_layers=n,
+        original_max_position_embeddings=32,
+        rope_parameters=dict(PHI3_LONGROPE),
+    ),
+    "gemma2": lambda n: transformers.Gemma2Config(
+        **COMMON,
+        num_hidden_layers=n,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        attn_logit_softcapping=2.0,
+        layer_types=["sliding_attention", "full_attention"][-n:],
+    ),
+    "gemma3": _gemma3,
+    # Sliding layers wider than n_local get the global branch, with their own (sliding) RoPE frequencies.
+    "gemma3_wide_window": lambda n: _gemma3(n, window=24, types=["sliding_attention", "full_attention"][:n]),
+    "gpt_neox": lambda n: transformers.GPTNeoXConfig(**COMMON, num_hidden_layers=n, rotary_pct=0.25),
+    "stablelm": lambda n: transformers.StableLmConfig(**COMMON, num_hidden_layers=n),
+    "phi": lambda n: transformers.PhiConfig(**COMMON, num_hidden_layers=n),
+    "gptj": lambda n: transformers.GPTJConfig(**GPTJ_LIKE, n_layer=n),
+    "codegen": lambda n: transformers.CodeGenConfig(**GPTJ_LIKE, n_layer=n),
+    "cohere": lambda n: transformers.CohereConfig(**COMMON, num_hidden_layers=n, logit_scale=1.0),
+    # Layer 0 with RoPE, layer 1 without (1 layer: the NoPE one).
+    "smollm3": lambda n: transformers.SmolLM3Config(**COMMON, num_hidden_layers=n, no_rope_layers=[1, 0][-n:]),
+    # ALiBi in the model's own attention code (MPT's bias table: `max_seq_len` columns)
+    "mpt": lambda n, ctx=32: transformers.MptConfig(
+        vocab_size=V, d_model=64, n_heads=4, n_layers=n, max_seq_len=ctx, initializer_range=0.1
+    ),
+    "bloom": lambda n: transformers.BloomConfig(
+        vocab_size=V, hidden_size=64, n_head=4, n_layer=n, initializer_range=0.1
+    ),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+ALIBI_FAMILIES = ("mpt", "bloom")
+# Unmodified models that cannot run past their position table (the reason TableRope grows it, and what
+# MPT's adapter removes).
+TABLE_LIMITED = {"gptj", "codegen", "mpt"}
+
+
+def family_model(family: str, layers: int = 2, seed: int = 0, **config_kwargs):
+    """A tiny random model of `family` (eager attention for the RoPE families), float32, in eval mode."""
+    torch.manual_seed(seed)
+    config = FAMILY_CONFIGS[family](layers, **config_kwargs)
+    kwargs = {} if family in ALIBI_FAMILIES else {"attn_implementation": "eager"}
+    return transformers.AutoModelForCausalLM.from_config(config, **kwargs).float().eval()

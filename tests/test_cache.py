@@ -7,24 +7,13 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import CharTokenizer, left_padded, tiny_model
 from transformers import DynamicCache, TextIteratorStreamer
 
 import lminfinite
 from lminfinite import LambdaCache, LambdaConfig
 
 G, L = 3, 16
-
-
-def _padded(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, T - n :] = torch.randint(3, 101, (n,), generator=g)
-        mask[b, T - n :] = 1
-    return ids, mask
 
 
 def _chunked_logits(model, ids, mask, chunk):
@@ -42,7 +31,7 @@ def _chunked_logits(model, ids, mask, chunk):
 @pytest.mark.parametrize("padded", [False, True])
 def test_chunked_feeding_equals_one_forward(chunk, padded):
     model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
-    ids, mask = _padded([230, 170, 95] if padded else [230])
+    ids, mask = left_padded([230, 170, 95] if padded else [230])
     mask = mask if padded else None
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -86,7 +75,7 @@ def test_generate_uses_lambda_cache_and_bounded_memory():
 
 def test_beam_search_and_left_padded_batch_generation():
     model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
-    ids, mask = _padded([30, 12])
+    ids, mask = left_padded([30, 12])
     beams = model.generate(ids, attention_mask=mask, max_new_tokens=2 * L, num_beams=3, do_sample=False, pad_token_id=0)
     assert beams.shape == (2, 30 + 2 * L)
     # Each row of a padded batch generates what it generates alone.
@@ -143,7 +132,7 @@ def test_memory_is_constant_in_stream_length():
 
 def test_score_matches_full_forward_and_marks_padding():
     model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
-    ids, mask = _padded([150, 90])
+    ids, mask = left_padded([150, 90])
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
@@ -184,9 +173,8 @@ def test_errors_and_empty_inputs():
         model2(input_ids=torch.ones(1, 1, dtype=torch.long), cache=cache)
 
 
-def test_stream_keeps_its_cache_across_turns(stories):
-    model, tok = stories
-    lminfinite.enable(model, n_global=10, n_local=512)
+def test_stream_keeps_its_cache_across_turns(lambda_stories):
+    model, tok = lambda_stories
     cache = LambdaCache.for_model(model)
     first = "".join(lminfinite.stream(model, tok, "Once upon a time", cache=cache, max_new_tokens=30))
     assert first.startswith(", there was a little girl named Lily")
@@ -200,12 +188,10 @@ def test_stream_keeps_its_cache_across_turns(stories):
     shown = [next(gen) for _ in range(5)]
     gen.close()
     assert shown and cache.get_seq_length() == seen + len(tok.encode(" She", add_special_tokens=False)) + 5
-    lminfinite.disable(model)
 
 
-def test_text_iterator_streamer(stories):
-    model, tok = stories
-    lminfinite.enable(model, n_global=10, n_local=512)
+def test_text_iterator_streamer(lambda_stories):
+    model, tok = lambda_stories
     streamer = TextIteratorStreamer(tok, skip_prompt=True)
     ids = tok("Once upon a time", return_tensors="pt")
     thread = threading.Thread(target=model.generate, kwargs=dict(**ids, max_new_tokens=20, streamer=streamer))
@@ -213,7 +199,6 @@ def test_text_iterator_streamer(stories):
     text = "".join(streamer)
     thread.join()
     assert "Lily" in text
-    lminfinite.disable(model)
 
 
 def test_crop_rolls_back_inside_the_window_and_refuses_beyond():
@@ -244,20 +229,11 @@ def test_progress_bars_and_seeded_sampling(capsys):
     assert "score" in err and "prefill" in err and "7/7" in err
     assert torch.isfinite(nll).all()
 
-    class Tok:  # the smallest tokenizer stream() needs
-        bos_token_id, eos_token_id = 1, 2
-
-        def encode(self, text, add_special_tokens=True):
-            return ([1] if add_special_tokens else []) + [3 + ord(c) % 90 for c in text]
-
-        def decode(self, ids, skip_special_tokens=False):
-            return "".join(chr(i) for i in ids if i > 2)
-
     def sample(seed):
         return "".join(
             lminfinite.stream(
                 model,
-                Tok(),
+                CharTokenizer(),
                 "abc",
                 max_new_tokens=40,
                 do_sample=True,

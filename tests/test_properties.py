@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import pytest
 import torch
 import transformers
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +26,8 @@ from lminfinite.kernels import get_kernel, torch_chunked
 from lminfinite.kernels.common import Far, Middle
 from lminfinite.plan import candidate_columns, middle_columns
 from lminfinite.positions import Alibi
+
+pytestmark = pytest.mark.slow  # about 15 s on 2 quiet cores: CI runs them, `pytest -m "not slow"` does not
 
 SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lminfinite
@@ -21,6 +22,7 @@ def _nll(model, ids):
     return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
 
 
+@pytest.mark.slow
 def test_nll_stays_flat_far_beyond_the_training_length(stories):
     model, tok = stories
     ids = _windows(tok)

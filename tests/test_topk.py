@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from conftest import assert_greedy_equals_naive_recomputation, tiny_model
+from helpers import assert_greedy_equals_naive_recomputation, family_model, tiny_model
 
 import lminfinite
 from lminfinite import LambdaCache, LambdaConfig
@@ -28,13 +27,7 @@ def _logits(model, ids, **kwargs):
         return model(input_ids=ids, use_cache=False, **kwargs).logits
 
 
-def _mpt():
-    torch.manual_seed(0)
-    config = transformers.MptConfig(vocab_size=101, d_model=64, n_heads=4, n_layers=2, max_seq_len=32)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-MODELS = {"llama": lambda: tiny_model("llama"), "mpt": _mpt}
+MODELS = {"llama": lambda: tiny_model("llama"), "mpt": lambda: family_model("mpt")}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
