@@ -47,16 +47,6 @@ def start(**config) -> ServerThread:
     return ServerThread(app).start()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread for this module: on a small machine shared with other jobs, two OpenMP threads make the
-    many small forwards of this tiny model several times slower (the result is the same)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def server():
     srv = start(api_keys=(KEY_A, KEY_B))

@@ -22,26 +22,18 @@ needs_stories = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread for this module: on a small machine shared with other jobs, two OpenMP threads make the
-    many small forwards of this tiny model several times slower (the result is the same)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def stories():
+def small_window():
+    """stories260K enabled with G=4, L=64 for this module (its own copy: conftest's shared `stories` is disabled
+    after every test that uses it)."""
     model, tok = lminfinite.load_model("stories260K")
     lminfinite.enable(model, n_global=G, n_local=L)
     return model, tok
 
 
 @pytest.fixture(scope="module")
-def story_ids(stories):
-    _, tok = stories
+def story_ids(small_window):
+    _, tok = small_window
     text = open(asset("corpora", "tinystories_train_head.txt"), encoding="utf-8").read()[:8000]
     ids = tok.encode(text)
     assert len(ids) > 12 * L
@@ -52,10 +44,10 @@ def story_ids(stories):
 
 
 @needs_stories
-def test_continuing_a_kept_cache_equals_a_fresh_prefill(stories, story_ids):
+def test_continuing_a_kept_cache_equals_a_fresh_prefill(small_window, story_ids):
     """Fed as a conversation (chunks, single tokens, chunks ...) past 10x n_local, the cache gives the same next-token
     logits as a fresh chunked prefill of the same ids: what it holds depends on the tokens only."""
-    model, tok = stories
+    model, tok = small_window
     engine = Engine(model, tok)
     kept, pos = engine.new_cache(), 0
     pieces = [150, 1, 1, 37, 1, 200, 1, 250]
@@ -129,10 +121,10 @@ def test_store_evicts_least_recently_used_idle_sessions():
 
 
 @needs_stories
-def test_text_splice_continues_a_non_canonical_session(stories):
+def test_text_splice_continues_a_non_canonical_session(small_window):
     """The session's ids spell S but are not how the tokenizer writes S (as a sampled answer can be); a prompt whose
     text extends S continues with the session's ids plus the prompt's tokens after S."""
-    _, tok = stories
+    _, tok = small_window
     S = "User: hi\nAssistant: Once upon a time"
     canonical = tok.encode(S)
     once = canonical.index(tok.convert_tokens_to_ids("▁Once"))
@@ -177,10 +169,10 @@ def non_canonical(tok, text: str) -> list[int]:
 
 
 @needs_stories
-def test_scheduler_continues_by_token_prefix_and_text_splice(stories):
+def test_scheduler_continues_by_token_prefix_and_text_splice(small_window):
     """Through the model worker: a canonical follow-up continues by token prefix, a follow-up of a non-canonically
     tokenized conversation by text splice; both answers equal generate() over the ids the session holds."""
-    model, tok = stories
+    model, tok = small_window
     engine, metrics = Engine(model, tok), Metrics()
     store = SessionStore(8, 10**9)
     scheduler = Scheduler(engine, store, metrics, max_concurrency=4, step_tokens=16)
@@ -219,10 +211,10 @@ def test_scheduler_continues_by_token_prefix_and_text_splice(stories):
 
 
 @needs_stories
-def test_round_robin_interleaves_a_long_prefill_with_decoding(stories, story_ids):
+def test_round_robin_interleaves_a_long_prefill_with_decoding(small_window, story_ids):
     """A 600-token prompt is fed in forwards of step_tokens; a short request admitted with it decodes between those
     chunks (one forward each per pass), so it finishes long before the long prompt is in."""
-    model, tok = stories
+    model, tok = small_window
     log: list[tuple[str, int]] = []
 
     class Recording(Engine):
@@ -296,8 +288,8 @@ class Scripted(Engine):
         (" Hello ñ", False, None, " Hello ñ", "length"),  # a two-byte character, never split
     ],
 )
-def test_stop_strings_and_the_end_of_an_answer(stories, answer, eos, max_tokens, content, finish):
-    model, tok = stories
+def test_stop_strings_and_the_end_of_an_answer(small_window, answer, eos, max_tokens, content, finish):
+    model, tok = small_window
     script = tok.encode(answer, add_special_tokens=False) + ([tok.eos_token_id] if eos else [])
     engine = Scripted(model, tok, script)
     scheduler = Scheduler(engine, SessionStore(8, 10**9), Metrics(), max_concurrency=2, step_tokens=64)
@@ -321,8 +313,8 @@ def test_stop_strings_and_the_end_of_an_answer(stories, answer, eos, max_tokens,
 
 
 @needs_stories
-def test_incremental_decoder_matches_full_decoding(stories):
-    _, tok = stories
+def test_incremental_decoder_matches_full_decoding(small_window):
+    _, tok = small_window
     context = tok.encode("Assistant:")
     for text in [" héllo wörld 😀 ok", " Once upon a time, there was a cat.", "\n\n  x"]:
         new = tok.encode(text, add_special_tokens=False)
