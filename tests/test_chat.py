@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not STORIES.is_file(), reason=f"stories260K not 
 
 
 @pytest.fixture
-def stories():
+def fresh_stories():
     """A fresh stories260K per test (0.1 s): Chat enables it in place."""
     return load_model("stories260K")
 
@@ -36,8 +36,8 @@ def naive_argmax(model, tokens: list[int], n_global: int, n_local: int) -> torch
     return logits.argmax(-1)
 
 
-def test_plain_text_fallback_equals_generate(stories):
-    model, tokenizer = stories
+def test_plain_text_fallback_equals_generate(fresh_stories):
+    model, tokenizer = fresh_stories
     prompt = tokenizer.encode("Once upon a time", add_special_tokens=True)
     reference = model.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False)[0, len(prompt) :]
     chat = Chat(model, tokenizer, n_global=4, n_local=512, max_new_tokens=25, record=True)
@@ -54,10 +54,10 @@ def test_plain_text_fallback_equals_generate(stories):
 
 
 @pytest.mark.slow
-def test_turns_past_the_window_equal_naive_recomputation(stories):
+def test_turns_past_the_window_equal_naive_recomputation(fresh_stories):
     """Four turns, 4x past L: every answer token chosen through the bounded cache is the one the naive
     kernel picks from the whole history; the cache never holds more than G + L columns."""
-    model, tokenizer = stories
+    model, tokenizer = fresh_stories
     G, L = 3, 24
     chat = Chat(model, tokenizer, n_global=G, n_local=L, max_new_tokens=20, record=True)
     spans = []
@@ -74,8 +74,8 @@ def test_turns_past_the_window_equal_naive_recomputation(stories):
         assert torch.equal(picks[a - 1 : b - 1], torch.tensor(chat.tokens[a:b]))
 
 
-def test_interrupt_in_the_callers_loop_keeps_the_conversation(stories):
-    model, tokenizer = stories
+def test_interrupt_in_the_callers_loop_keeps_the_conversation(fresh_stories):
+    model, tokenizer = fresh_stories
     G, L = 4, 40
     chat = Chat(model, tokenizer, n_global=G, n_local=L, max_new_tokens=30, record=True)
     with pytest.raises(KeyboardInterrupt):
@@ -94,10 +94,10 @@ def test_interrupt_in_the_callers_loop_keeps_the_conversation(stories):
     assert torch.equal(picks[a - 1 : -1], torch.tensor(chat.tokens[a:]))
 
 
-def test_real_sigint_during_a_forward_is_held_until_it_is_done(stories):
+def test_real_sigint_during_a_forward_is_held_until_it_is_done(fresh_stories):
     """A SIGINT delivered inside a model forward: the forward finishes, then KeyboardInterrupt; the cache
     is consistent and the conversation continues."""
-    model, tokenizer = stories
+    model, tokenizer = fresh_stories
     chat = Chat(model, tokenizer, n_global=4, n_local=40, max_new_tokens=20, record=True)
     calls = []
 
@@ -124,8 +124,8 @@ def test_real_sigint_during_a_forward_is_held_until_it_is_done(stories):
     assert torch.equal(picks[a - 1 : -1], torch.tensor(chat.tokens[a:]))
 
 
-def test_error_inside_a_forward_breaks_the_conversation_until_reset(stories):
-    model, tokenizer = stories
+def test_error_inside_a_forward_breaks_the_conversation_until_reset(fresh_stories):
+    model, tokenizer = fresh_stories
     chat = Chat(model, tokenizer, n_global=4, n_local=40, max_new_tokens=5)
 
     def hook(module, args, output):
@@ -143,8 +143,8 @@ def test_error_inside_a_forward_breaks_the_conversation_until_reset(stories):
     assert "".join(chat.send("Once upon a time"))
 
 
-def test_abandoned_answer_is_closed_by_the_next_turn(stories):
-    model, tokenizer = stories
+def test_abandoned_answer_is_closed_by_the_next_turn(fresh_stories):
+    model, tokenizer = fresh_stories
     chat = Chat(model, tokenizer, n_global=4, n_local=64, max_new_tokens=10, record=True)
     pieces = chat.send("Once upon a time")
     next(pieces)
@@ -159,8 +159,8 @@ def test_abandoned_answer_is_closed_by_the_next_turn(stories):
     assert chat.last_turn["prompt_tokens"] == len(second) + 1  # with the first answer's last token
 
 
-def test_sampling_is_seeded_and_validated(stories):
-    model, tokenizer = stories
+def test_sampling_is_seeded_and_validated(fresh_stories):
+    model, tokenizer = fresh_stories
     answers = []
     for _ in range(2):
         chat = Chat(model, tokenizer, n_local=64, max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9, seed=3)
@@ -191,8 +191,8 @@ def test_sampling_is_seeded_and_validated(stories):
         Chat(model, tokenizer).send("   ")
 
 
-def test_chat_keeps_or_sets_the_models_settings(stories):
-    model, tokenizer = stories
+def test_chat_keeps_or_sets_the_models_settings(fresh_stories):
+    model, tokenizer = fresh_stories
     chat = Chat(model, tokenizer)
     assert (chat.n_global, chat.n_local) == (10, 512)  # defaults: 10 and the pretraining length
     lminfinite.enable(model, n_global=2, n_local=100)
@@ -284,10 +284,10 @@ def test_chat_command_bad_options(argv, message, monkeypatch, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_non_finite_logits_are_reported(stories):
+def test_non_finite_logits_are_reported(fresh_stories):
     from lminfinite.streaming import NonFiniteError
 
-    model, tokenizer = stories
+    model, tokenizer = fresh_stories
     chat = Chat(model, tokenizer, n_global=4, n_local=40, max_new_tokens=5)
     handle = model.model.norm.register_forward_hook(lambda module, args, output: output * float("nan"))
     try:
