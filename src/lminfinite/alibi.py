@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +64,12 @@ def register() -> None:
 # ------------------------------------------------------------------------------------------- adapters
 
 
-def _mpt_slopes(decoder: nn.Module) -> torch.Tensor:
+def _mpt_slopes(decoder: Any) -> torch.Tensor:
     bias = decoder.build_mpt_alibi_tensor(decoder.num_heads, 2, device="cpu")  # (heads, 1, 2): [-slope, 0]
     return -bias[:, 0, 0].float()
 
 
-def _bloom_slopes(decoder: nn.Module) -> torch.Tensor:
+def _bloom_slopes(decoder: Any) -> torch.Tensor:
     mask = torch.ones(1, 2, dtype=torch.long)
     bias = decoder.build_alibi_tensor(mask, decoder.num_heads, torch.float32)  # (heads, 1, 2): [0, slope]
     return bias[:, 0, 1].float()

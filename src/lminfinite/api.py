@@ -16,14 +16,13 @@ from transformers import PreTrainedModel
 from . import alibi, families
 from .attention import NAME, register
 from .config import LambdaConfig, pretraining_length
-from .context import LambdaState, guard_generation, make_pre_hook, post_hook
+from .context import STATE_ATTR, LambdaState, guard_generation, make_pre_hook, post_hook
 from .positions import Alibi, install_rope_hooks, layer_rope
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+def _decoder(model: PreTrainedModel) -> nn.Module:
     """The module that owns the decoder layers (e.g. `LlamaModel` inside `LlamaForCausalLM`)."""
-    base = getattr(model, "base_model", model)
-    return base
+    return getattr(model, "base_model", model)
 
 
 def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
@@ -62,7 +61,7 @@ def _warn_if_beyond_pretraining(config, n_local: int) -> None:
 
 
 def enable(
-    model: nn.Module,
+    model: PreTrainedModel,
     n_global: int = 10,
     n_local: int | None = None,
     limit_distance: int | None = None,
@@ -71,7 +70,7 @@ def enable(
     sink_positions: str = "zero",
     top_k: int = 0,
     top_k_from_layer: int = 0,
-) -> nn.Module:
+) -> PreTrainedModel:
     """Switch `model` to LM-Infinite's Λ-attention in place and return it.
 
     n_global: starting tokens every query keeps seeing (default 10).
@@ -103,7 +102,7 @@ def enable(
         top_k=top_k,
         top_k_from_layer=top_k_from_layer,
     )
-    if getattr(model, "_lminfinite", None) is not None:
+    if is_enabled(model):
         disable(model)
     register()
     text_config = model.config.get_text_config(decoder=True)
@@ -124,13 +123,13 @@ def enable(
         raise ValueError(f"found no attention layers in {type(model).__name__}")
     state.layer_ropes = {module.layer_idx: layer_rope(rope, module) for module in state.modules}
     for module in state.modules:
-        module._lminfinite = state
+        setattr(module, STATE_ATTR, state)
     state.handles.append(decoder.register_forward_pre_hook(make_pre_hook(state, decoder), with_kwargs=True))
     state.handles.append(decoder.register_forward_hook(post_hook, with_kwargs=True))
     state.handles.extend(guard_generation(model))
     if family is not None and family.alibi is not None:
         sinks = config.sink_positions == "own"
-        state.alibi = Alibi(family.alibi.slopes(decoder), config.limit_distance, sinks=sinks)
+        state.alibi = Alibi(family.alibi.slopes(decoder), config.distance, sinks=sinks)
         state.handles.extend(alibi.install(state, model.config, family.alibi))
         model.config._attn_implementation = alibi.ALIBI_NAME  # they refuse set_attn_implementation
     else:
@@ -138,28 +137,28 @@ def enable(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.set_attn_implementation(NAME)
-    model._lminfinite = state
+    setattr(model, STATE_ATTR, state)
     return model
 
 
-def disable(model: nn.Module) -> nn.Module:
+def disable(model: PreTrainedModel) -> PreTrainedModel:
     """Restore the model's own attention (no-op when not enabled) and return it."""
-    state = getattr(model, "_lminfinite", None)
+    state: LambdaState | None = getattr(model, STATE_ATTR, None)
     if state is None:
         return model
     for handle in state.handles:
         handle.remove()
     for module in state.modules:
-        if hasattr(module, "_lminfinite"):
-            del module._lminfinite
+        if hasattr(module, STATE_ATTR):
+            delattr(module, STATE_ATTR)
     if state.alibi is not None:
         model.config._attn_implementation = state.previous_attn
     else:
         model.set_attn_implementation(state.previous_attn)
-    del model._lminfinite
+    delattr(model, STATE_ATTR)
     return model
 
 
 def is_enabled(model: nn.Module) -> bool:
     """Whether `enable()` is in effect on `model`."""
-    return getattr(model, "_lminfinite", None) is not None
+    return getattr(model, STATE_ATTR, None) is not None

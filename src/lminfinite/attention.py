@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .config import LambdaConfig
-from .context import CTX_KWARG
+from .context import CTX_KWARG, STATE_ATTR, LambdaState
 from .kernels import get_kernel
 from .kernels.common import Far, Middle
 from .plan import ForwardPlan
@@ -51,7 +51,7 @@ def far_keys(
     qg, kg, km = query, key[:, :, :S], key[:, :, :M]
     if rope is not None:
         sinks = cfg.sink_positions == "own"
-        qg = rope.rotate(query, *plan.query_rotation(rope, cfg.limit_distance, device, sinks))
+        qg = rope.rotate(query, *plan.query_rotation(rope, cfg.distance, device, sinks))
         if not sinks:  # far keys back to position 0; cached middle keys are there already
             kg = rope.rotate(kg, *plan.key_rotation(rope, 0, S, device))
             z = plan.middle_at_zero(M, cfg.n_global)
@@ -73,9 +73,9 @@ def lambda_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    state = getattr(module, "_lminfinite", None)
-    plan = kwargs.get(CTX_KWARG) or (None if state is None else state.plan)
-    if plan is None:
+    state: LambdaState | None = getattr(module, STATE_ATTR, None)
+    plan = None if state is None else kwargs.get(CTX_KWARG) or state.plan
+    if state is None or plan is None:
         raise RuntimeError(
             "lm_infinite attention was called outside a forward of a model enabled with lminfinite.enable(); "
             "set attn_implementation through enable(), not by hand"
@@ -89,10 +89,11 @@ def lambda_attention_forward(
     device = query.device
     q_idx, k_idx = plan.q_idx.to(device), plan.k_idx.to(device)
     # Per layer: its own RoPE (None: ALiBi or a layer without RoPE) and its own sliding window.
-    rope = plan.layer_ropes[module.layer_idx]
+    layer_idx: int = getattr(module, "layer_idx")  # noqa: B009 (set by every transformers attention module)
+    rope = plan.layer_ropes[layer_idx]
     alibi = state.alibi_on(device)
     n_local, has_global = layer_window(cfg.n_local, kwargs.get("sliding_window"))
-    far = far_keys(plan, cfg, module.layer_idx, rope, alibi, query, key, value) if has_global else None
+    far = far_keys(plan, cfg, layer_idx, rope, alibi, query, key, value) if has_global else None
     out = get_kernel(cfg.backend)(
         query,
         key,

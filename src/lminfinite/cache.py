@@ -22,6 +22,8 @@ shortest row).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -56,6 +58,7 @@ class LambdaLayer(DynamicLayer):
             raise RuntimeError("LambdaCache.update called outside a forward of an lminfinite-enabled model")
         step = plan.cache_step
         keys, values = self.keys, self.values
+        assert keys is not None and values is not None  # initialized above
         rope = plan.layer_ropes[self.layer_idx]
         a, b = step.moved  # the stored columns whose position changes in this forward
         if b > a and rope is not None:
@@ -152,7 +155,7 @@ class LambdaCache(Cache):
                 "a previous forward with this LambdaCache did not finish (interrupted?), so its layers are "
                 "out of step; make a new cache"
             )
-        if self.tok is None:
+        if self.tok is None or self.pos is None or self.seen is None:
             self.tok = self.pos = torch.empty(B, 0, dtype=torch.long, device=device)
             self.seen = torch.zeros(B, dtype=torch.long, device=device)
         elif self.tok.shape[0] != B:
@@ -275,15 +278,20 @@ class LambdaCache(Cache):
                 "LambdaCache cannot roll back this far: the starting tokens would re-enter the window after "
                 "its positions were re-based"
             )
-        for layer in self.layers:
-            if layer.keys is not None:
+        for layer in self.lambda_layers:
+            if layer.keys is not None and layer.values is not None:
                 layer.keys, layer.values = layer.keys[..., :keep, :], layer.values[..., :keep, :]
+        assert self.pos is not None
         self.tok, self.pos = self.tok[:, :keep], self.pos[:, :keep]
         self.seen = (self.tok >= 0).sum(1)
         self._columns = keep
 
+    @property
+    def lambda_layers(self) -> list[LambdaLayer]:
+        """The cache's layers (each a LambdaLayer)."""
+        return cast("list[LambdaLayer]", self.layers)
+
     def memory_bytes(self) -> int:
         """Bytes held by the stored keys and values of all layers."""
-        return sum(
-            t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values) if t is not None
-        )
+        tensors = [t for layer in self.lambda_layers for t in (layer.keys, layer.values) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -52,9 +52,9 @@ class LambdaConfig:
             raise ValueError(f"n_local must be >= 1, got {self.n_local}")
         if self.limit_distance is None:
             object.__setattr__(self, "limit_distance", self.n_local)
-        if self.limit_distance < 0:
+        if self.distance < 0:
             raise ValueError(f"limit_distance must be >= 0, got {self.limit_distance}")
-        if self.limit_distance > self.n_local:
+        if self.distance > self.n_local:
             warnings.warn(
                 f"limit_distance={self.limit_distance} > n_local={self.n_local}: the starting tokens are seen at a "
                 "distance the local window never uses; if that distance exceeds the pretraining length the model "
@@ -71,6 +71,11 @@ class LambdaConfig:
             raise ValueError("top_k needs sink_positions='zero' (middle keys are seen at distance D)")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+    @property
+    def distance(self) -> int:
+        """D, the distance at which the starting tokens are seen (`limit_distance`, which defaults to `n_local`)."""
+        return self.n_local if self.limit_distance is None else self.limit_distance
 
     def uses_top_k(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` attends top-k middle keys."""

@@ -30,7 +30,8 @@ from .config import LambdaConfig
 from .plan import ForwardPlan, build_plan
 from .positions import Alibi
 
-CTX_KWARG = "lminfinite_ctx"
+CTX_KWARG = "lminfinite_ctx"  # the keyword argument that carries a forward's plan to its layers
+STATE_ATTR = "_lminfinite"  # the attribute holding the LambdaState on an enabled model and its attention modules
 
 USE_LAMBDA_CACHE = (
     "pass cache=lminfinite.LambdaCache.for_model(model) (to continue from earlier tokens, fill it with "
@@ -199,7 +200,7 @@ class _GenerationGuard:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        model.prepare_inputs_for_generation = MethodType(_prepare_inputs_checked, model)
+        setattr(model, "prepare_inputs_for_generation", MethodType(_prepare_inputs_checked, model))  # noqa: B010
 
     def remove(self) -> None:
         vars(self.model).pop("prepare_inputs_for_generation", None)

@@ -110,13 +110,13 @@ FAMILIES: dict[str, Family] = {
 
 def family_of(model: nn.Module) -> Family | None:
     """The table's entry for `model`'s `model_type`, None for a type not in the table."""
-    return FAMILIES.get(getattr(model.config, "model_type", None))
+    return FAMILIES.get(getattr(model.config, "model_type", "") or "")
 
 
 def declares_alibi(config) -> bool:
     """Whether a config declares ALiBi (Bloom, MPT's `attn_config.alibi`, Falcon's `alibi`)."""
     attn_config = getattr(config, "attn_config", None)
-    family = FAMILIES.get(getattr(config, "model_type", None))
+    family = FAMILIES.get(getattr(config, "model_type", "") or "")
     return (
         (family is not None and family.positions == "alibi")
         or bool(getattr(config, "alibi", False))

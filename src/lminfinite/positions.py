@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ class Rope:
     Partial rotary needs no setting: the rotated width is `2 * len(inv_freq)`.
     """
 
-    rotary: nn.Module
+    rotary: Any  # a transformers rotary module (duck-typed: its attributes differ per family)
     style: str = "half"
     freq_attr: str = "inv_freq"
 
@@ -182,7 +183,7 @@ def layer_window(n_local: int, sliding_window: int | None) -> tuple[int, bool]:
     return int(sliding_window), False
 
 
-def _freeze_dynamic(module: nn.Module, args, kwargs):
+def _freeze_dynamic(module: Any, args, kwargs):
     """Keep dynamic-NTK RoPE at its pretraining frequencies: LM-Infinite never uses a distance beyond
     `n_local`, so the frequencies for long inputs would only change what the model sees inside the window."""
     module.max_seq_len_cached = float("inf")
@@ -206,7 +207,7 @@ class _Restore:
             delattr(self.module, self.name)
 
 
-def _freeze_longrope(module: nn.Module) -> _Restore:
+def _freeze_longrope(module: Any) -> _Restore:
     """Keep LongRoPE (Phi-3) at its short factors, the ones of the pretraining length: transformers
     switches every position to the long factors once a position passes `original_max_position_embeddings`
     (positions beyond it only come from the gap LM-Infinite skips), which would change what the model
@@ -215,7 +216,7 @@ def _freeze_longrope(module: nn.Module) -> _Restore:
     return _Restore(module, "long_inv_freq", module.original_inv_freq.detach())  # a plain tensor, not a buffer
 
 
-def _grow_table(module: nn.Module, args, kwargs):
+def _grow_table(module: Any, args, kwargs):
     """Extend a (sin | cos) table (GPT-J, CodeGen) to the largest position of this forward, with the
     model's own `create_sinusoidal_positions`: the rows it had stay bit-identical."""
     position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]

@@ -9,8 +9,8 @@ result with a growing DynamicCache (the baseline).
 from __future__ import annotations
 
 import torch
-from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
 
 from .api import is_enabled
 from .cache import LambdaCache
@@ -30,7 +30,7 @@ def _chunks(n: int, chunk_size: int | None, progress: bool, desc: str):
     return ((s, min(s + chunk_size, n)) for s in starts)
 
 
-def _new_cache(model: nn.Module):
+def _new_cache(model: PreTrainedModel) -> Cache:
     if is_enabled(model):
         return LambdaCache.for_model(model)
     return DynamicCache(config=model.config)
@@ -44,13 +44,13 @@ def _check_ids(input_ids, attention_mask):
 
 
 def prefill(
-    model: nn.Module,
-    input_ids,
-    attention_mask=None,
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
     chunk_size: int | None = 4096,
-    cache=None,
+    cache: Cache | None = None,
     progress: bool = False,
-):
+) -> Cache:
     """Feed `input_ids` (batch, n; left padding allowed) into a cache, `chunk_size` tokens at a time.
 
     On an enabled model the cache is a LambdaCache holding `n_global + n_local` tokens per row, so
@@ -58,6 +58,8 @@ def prefill(
     all `n` tokens). Returns the cache; pass it
     to `model.generate(full_ids, cache=cache)` or `stream()` to continue. Chunks also keep the
     RoPE positions bounded (below `2 * n_local + chunk_size`); `chunk_size=None` is one forward.
+    Runs without autograd: under `torch.no_grad`, not `torch.inference_mode`, because the cache it fills
+    may later be used where autograd records (inference tensors cannot be saved for backward).
     """
     _check_ids(input_ids, attention_mask)
     if cache is None:
@@ -79,14 +81,20 @@ def prefill(
     return cache
 
 
-def score(model: nn.Module, input_ids, attention_mask=None, chunk_size: int | None = 4096, progress: bool = False):
+def score(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int | None = 4096,
+    progress: bool = False,
+) -> torch.Tensor:
     """Per-token negative log-likelihood (nats) of `input_ids[:, 1:]`, shape (batch, n - 1).
 
     The input is fed in chunks through a cache (a LambdaCache when the model is enabled), and only
     one chunk's logits exist at a time, so inputs of millions of tokens fit in memory (with `top_k` the
     cache grows with n, and each query scores every middle token). Positions
     whose token or predecessor is padding are NaN. An unenabled model is scored exactly too (its
-    cache then grows with n).
+    cache then grows with n). Runs without autograd (`torch.no_grad`).
     """
     _check_ids(input_ids, attention_mask)
     B, n = input_ids.shape

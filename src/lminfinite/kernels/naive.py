@@ -40,18 +40,28 @@ def attention(
         scores = scores + alibi.bias(qi - k_idx[:, None, None, :], (1, H))
     scores = scores.masked_fill(~local_rule(qi, k_idx[:, None, None, :], n_local), float("-inf"))
     all_scores, values = [scores], [v]
-    far = far if far else None
-    qg = None if far is None else far.queries.float()
-    if far is not None and far.n_candidates > 0:
+    if far:
+        all_scores, values = _far_scores(far, all_scores, values, qi, H, rep, n_global, n_local, scaling, softcap)
+    probs = torch.softmax(torch.cat(all_scores, dim=-1), dim=-1).nan_to_num(0.0)
+    out = probs @ torch.cat(values, dim=-2)
+    out = out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)
+    return out.to(q.dtype)
+
+
+def _far_scores(far: Far, all_scores, values, qi, H, rep, n_global, n_local, scaling, softcap):
+    """`all_scores` and `values` with the far keys' added: the starting tokens outside each query's window,
+    and each query's k best middle keys (top-k), all scored with the queries moved to distance D."""
+    qg = far.queries.float()
+    if far.n_candidates > 0:
         kg = far.keys.repeat_interleave(rep, 1).float()
         gscores = _capped((qg @ kg.transpose(-1, -2)) * scaling, softcap)
         gi = far.idx[:, None, None, :]
         bias = far.bias(qi, gi, (1, H))
         if bias is not None:
             gscores = gscores + bias
-        all_scores.append(gscores.masked_fill(~global_rule(qi, gi, n_global, n_local), float("-inf")))
-        values.append(far.values.repeat_interleave(rep, 1).float())
-    middle = None if far is None else far.middle
+        all_scores = all_scores + [gscores.masked_fill(~global_rule(qi, gi, n_global, n_local), float("-inf"))]
+        values = values + [far.values.repeat_interleave(rep, 1).float()]
+    middle = far.middle
     if middle is not None:
         km = middle.keys.repeat_interleave(rep, 1).float()
         mscores = _capped((qg @ km.transpose(-1, -2)) * scaling, softcap)
@@ -63,9 +73,6 @@ def attention(
         # The k best middle keys of each query and head; among equal scores the earlier key wins.
         order = mscores.sort(dim=-1, descending=True, stable=True).indices[..., : middle.top_k]
         best = torch.zeros_like(mscores, dtype=torch.bool).scatter_(-1, order, True)
-        all_scores.append(mscores.masked_fill(~best, float("-inf")))
-        values.append(middle.values.repeat_interleave(rep, 1).float())
-    probs = torch.softmax(torch.cat(all_scores, dim=-1), dim=-1).nan_to_num(0.0)
-    out = probs @ torch.cat(values, dim=-2)
-    out = out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)
-    return out.to(q.dtype)
+        all_scores = all_scores + [mscores.masked_fill(~best, float("-inf"))]
+        values = values + [middle.values.repeat_interleave(rep, 1).float()]
+    return all_scores, values

@@ -103,6 +103,7 @@ def attention(
 def _fused(q, k, v, causal: bool, scaling: float, bias=None):
     """Fused attention of one piece: (output, log-sum-exp), both (B, H, Tq, ...). `bias`: additive
     float32 logits broadcast against (B, H, Tq, Tk)."""
+    assert _FUSED is not None  # the band path is only taken where the fused op exists
     out, lse = _FUSED(q, k, v, 0.0, causal, attn_mask=bias, scale=scaling)
     return out, lse
 
