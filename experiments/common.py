@@ -95,6 +95,8 @@ class Partial:
         return key in self.records
 
     def add(self, key: str, record: dict) -> None:
+        if "key" in record:
+            raise ValueError("an item's record must not have a field 'key' (the item's key is stored there)")
         record = {"key": key, **record}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
@@ -231,7 +233,7 @@ def heatmaps(
         ax.set_title(method)
     axes[0][0].set_ylabel("depth of the key (0 = start)")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.04)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     log(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

@@ -97,7 +97,7 @@ def main(argv=None) -> None:
             t0 = time.time()
             new = greedy_answer(model, prompt, args.answer_tokens, method, args.n_global, args.n_local, args.chunk_size)
             answer = tokenizer.decode(new, skip_special_tokens=True)
-            record = {"length": length, "depth": depth, "sample": sample, "method": method, "key": key,
+            record = {"length": length, "depth": depth, "sample": sample, "method": method, "passkey": key,
                       "prompt_tokens": len(prompt), "answer": answer, "correct": is_correct(answer, key),
                       "seconds": round(time.time() - t0, 1), "command": command_line()}  # fmt: skip
             partial.add(item_key(length, depth, sample, method), record)
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
         "results": summary(records),
         "answers": sorted(
             (
-                {k: r[k] for k in ("method", "length", "depth", "sample", "key", "answer", "correct", "seconds")}
+                {k: r[k] for k in ("method", "length", "depth", "sample", "passkey", "answer", "correct", "seconds")}
                 for r in records
             ),
             key=lambda r: (r["method"], r["length"], r["depth"], r["sample"]),

@@ -33,6 +33,8 @@ def test_partial_resumes_and_separates_settings(tmp_path):
     other = common.Partial(tmp_path, "run", {"n_local": 16})  # other settings: another file, nothing done
     assert other.path != p.path and not other.values()
     assert json.loads(p.path.read_text().splitlines()[0]) == {"key": "a|1", "value": 1.5}
+    with pytest.raises(ValueError, match="key"):  # the item's key must not be overwritten by a field
+        p.add("d|4", {"key": 12345})
 
 
 def test_parsers_reject_bad_lists():
