@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from .api import is_enabled
 from .cache import LambdaCache
@@ -104,8 +105,15 @@ def pick_token(
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+class _Sampling(NamedTuple):
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
 def stream(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     prompt: str,
     *,
@@ -156,17 +164,17 @@ def stream(
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
         raise ValueError(f"max_new_tokens must be None or an int >= 0, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
-    sampling = (do_sample, temperature, top_k, top_p)
+    sampling = _Sampling(do_sample, temperature, top_k, top_p)
     return _generate(model, tokenizer, prompt, cache, max_new_tokens, sampling, seed, stop_at_eos, chunk_size)
 
 
 def _generate(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     prompt: str,
     cache: LambdaCache,
     max_new_tokens: int | None,
-    sampling: tuple,
+    sampling: _Sampling,
     seed: int | None,
     stop_at_eos: bool,
     chunk_size: int,
@@ -193,7 +201,7 @@ def _generate(
                 logits = model(input_ids=pending, cache=cache, use_cache=True).logits[:, -1]
             mark, pending = cache.get_seq_length(), None
             check_finite(logits, mark - 1)
-            token = int(pick_token(logits, *sampling, generator)[0])
+            token = int(pick_token(logits, *sampling, generator=generator)[0])
             produced += 1
             piece = text.piece(token)
             pending = torch.tensor([[token]], device=device)
