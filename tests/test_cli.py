@@ -194,7 +194,11 @@ def _run_all():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
     spec = importlib.util.spec_from_file_location("run_all_under_test", script)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(module)  # it puts benchmarks/ on sys.path for its own modules
+    finally:
+        sys.path[:] = path
     return module
 
 
@@ -255,6 +259,7 @@ def test_run_all_quick_and_only(monkeypatch, tmp_path, capsys):
         run_all, "RUNS", {"prefill": fake("prefill", pre), "decode": fake("decode", dec), "score": fake("score", sco)}
     )
     monkeypatch.setattr(run_all, "DEFAULT_RESULTS", tmp_path)
+    monkeypatch.setattr(run_all.common, "RESULTS", run_all.common.RESULTS)  # restored after the test
     with pytest.raises(SystemExit):
         run_all.main(["--quick", "--only", "decode"])
     assert "are not in" in capsys.readouterr().err and not seen
