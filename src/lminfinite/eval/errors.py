@@ -13,9 +13,7 @@ Anything else reaching the CLI is a bug: it says "internal error" and exits with
 
 from __future__ import annotations
 
-from ..streaming import NonFiniteError
-
-__all__ = ["BadFile", "BadInput", "BadValue", "MissingDependency", "NonFiniteError"]
+__all__ = ["BadFile", "BadInput", "BadValue", "MissingDependency", "NonFiniteError"]  # noqa: F822 (lazy, see __getattr__)
 
 
 class BadInput(Exception):
@@ -32,3 +30,13 @@ class BadFile(BadInput, FileNotFoundError):
 
 class MissingDependency(BadInput, ImportError):
     """An optional package the asked-for feature needs is not installed."""
+
+
+def __getattr__(name: str):
+    # NonFiniteError lives with stream() in the core; imported on first use, so that importing these error
+    # types (the CLI does, to parse its arguments) does not import torch.
+    if name == "NonFiniteError":
+        from ..streaming import NonFiniteError
+
+        return NonFiniteError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
