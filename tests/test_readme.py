@@ -14,21 +14,29 @@ import lminfinite
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow  # the chat example loads SmolLM2
 def test_readme_python_blocks_run(stories_path, monkeypatch, capsys):
     text = README.read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 2
+    # Blocks marked `<!-- not run by tests/test_readme.py: WHY -->` need what a test cannot have (a running
+    # server, the hub); every other Python block runs, in order, in one namespace.
+    found = re.findall(r"(<!-- not run by tests/test_readme\.py: [^>]+ -->\n)?```python\n(.*?)```", text, flags=re.S)
+    blocks = [code for marker, code in found if not marker]
+    assert len(blocks) >= 3 and len(found) - len(blocks) <= 2
     for path in re.findall(r'"(\.\./shared/[^"]+)"', text):
         if not (README.parent / path).exists():
             pytest.skip(f"the README's example path {path} is not here")
     monkeypatch.chdir(README.parent)  # the examples use paths relative to the project root
     namespace: dict = {}
+    checked = False
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
-    model = namespace["model"]
-    assert lminfinite.is_enabled(model) and model._lminfinite.config.top_k == 5
-    assert namespace["nll"].shape == (1, namespace["long_ids"].shape[1] - 1)
-    assert torch.isfinite(namespace["nll"]).all()
+        if "top_k=5" in block:  # the Use example and its top-k line, before later examples load other models
+            model = namespace["model"]
+            assert lminfinite.is_enabled(model) and model._lminfinite.config.top_k == 5
+            assert namespace["nll"].shape == (1, namespace["long_ids"].shape[1] - 1)
+            assert torch.isfinite(namespace["nll"]).all()
+            checked = True
+    assert checked
     assert len(capsys.readouterr().out) > 20  # the decoded continuation and the stream were printed
 
 
