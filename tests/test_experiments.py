@@ -10,11 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+EXPERIMENTS = str(Path(__file__).resolve().parent.parent / "experiments")
+sys.path.insert(0, EXPERIMENTS)
 
 import common  # noqa: E402
 import needle  # noqa: E402
 import passkey  # noqa: E402
+
+# The scripts' top-level names (`common` above all: benchmarks/ has a `common` too) leave sys.path and
+# sys.modules as they were, so that later tests import their own.
+sys.path.remove(EXPERIMENTS)
+for _name in ("common", "needle", "passkey"):
+    sys.modules.pop(_name, None)
 
 from lminfinite.models.assets import asset  # noqa: E402
 
