@@ -204,7 +204,13 @@ def accuracy_table(records: Iterable[dict], row_field: str, col_field: str) -> d
 
 
 def heatmaps(
-    records: list[dict], methods: Sequence[str], lengths: Sequence[int], depths: Sequence[float], title: str, path: Path
+    records: list[dict],
+    methods: Sequence[str],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    title: str,
+    path: Path,
+    ylabel: str = "depth of the key (0 = start)",
 ) -> None:
     """One accuracy heatmap (length x depth) per method, side by side, the cells labelled."""
     import matplotlib
@@ -231,7 +237,7 @@ def heatmaps(
         ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths] if ax is axes[0][0] else [])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_title(method)
-    axes[0][0].set_ylabel("depth of the key (0 = start)")
+    axes[0][0].set_ylabel(ylabel)
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
     fig.suptitle(title, fontsize=10, y=1.04)
     fig.savefig(path, dpi=110, bbox_inches="tight")

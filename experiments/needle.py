@@ -61,12 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--book", default="alice_pg11.txt", help="a file in ../shared/assets/corpora")
     p.add_argument("--methods", default="vanilla,lminfinite,topk")
-    p.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens (chat template included)")
+    p.add_argument("--lengths", default="2048", help="prompt lengths in tokens (chat template included)")
     p.add_argument("--depths", default="0.2,0.5,0.8", help="depths of the fact in the excerpt")
     p.add_argument("--samples", type=int, default=1, help="prompts per length and depth (a different fact each)")
     p.add_argument("--n-global", type=int, default=10)
     p.add_argument("--n-local", type=int, default=1024)
-    p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--answer-tokens", type=int, default=24, help="the model restates the question first")
     p.add_argument("--chunk-size", type=int, default=2048)
     p.add_argument("--train-length", type=int, default=8192, help="the model's training length (for the title)")
     p.add_argument("--name", default="needle_L1024", help="output name: results/needle_smollm2/NAME.json/.png")
@@ -175,7 +175,7 @@ def main(argv=None) -> None:
         f"{args.model}: needle in {args.book} (chat template), n_global={args.n_global}, n_local={args.n_local}, "
         f"{args.samples} prompt(s) per cell (training length {args.train_length})"
     )
-    heatmaps(records, methods, lengths, depths, title, folder / f"{args.name}.png")
+    heatmaps(records, methods, lengths, depths, title, folder / f"{args.name}.png", "depth of the fact (0 = start)")
 
 
 if __name__ == "__main__":
