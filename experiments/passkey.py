@@ -7,7 +7,7 @@ depends only on (seed, length, depth, sample), so every method sees the same pro
 shortest length first, so a cut-short run still holds complete grids for the lengths it reached.
 
     nice -n 10 .venv/bin/python experiments/passkey.py                       # committed main run
-    nice -n 10 .venv/bin/python experiments/passkey.py --name sweep_topk --lengths 4096 \\
+    nice -n 10 .venv/bin/python experiments/passkey.py --name sweep_topk --lengths 4096 --depths 0.2 \\
         --methods topk:5:0,topk:10:0,topk:5:15,topk:10:15                      # the top-k sweep
     .venv/bin/python experiments/passkey.py --report-only                    # JSON + PNG from partial
 """
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--methods", default="vanilla,lminfinite,topk")
-    p.add_argument("--lengths", default="2048,4096,8192", help="prompt lengths in tokens (at most)")
+    p.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens (at most)")
     p.add_argument("--depths", default="0.2,0.5,0.8", help="depths of the key line (0 = right after the task)")
     p.add_argument("--samples", type=int, default=1, help="prompts (keys) per length and depth")
     p.add_argument("--seed", type=int, default=0)
