@@ -8,11 +8,9 @@ hands it to `lminfinite.chat.repl()`, which talks to any object with `send(text)
 
 from __future__ import annotations
 
-import argparse
-import math
 import sys
 
-from . import CliError, new_command, nonneg_int
+from . import CliError, new_command, nonneg_int, temperature_arg, top_p_arg
 
 DESCRIPTION = """Chat with a model in the terminal, for as long as you like: the conversation lives in one
 LM-Infinite cache (the first --n-global tokens and the last --n-local), so memory stays flat however long
@@ -27,26 +25,6 @@ EXAMPLES = """examples:
   lminfinite chat --model smollm2 --n-local 1024 --system "You are a terse assistant."
   lminfinite chat --model path/to/model.gguf --do-sample --temperature 0.7 --top-p 0.9
   printf 'Hi!\\nWhat is 2+2?\\n/stats\\n' | lminfinite chat --max-new-tokens 64"""
-
-
-def temperature_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"temperature must be a finite number > 0, got {text}")
-    return value
-
-
-def top_p_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"top-p must be in (0, 1], got {text}")
-    return value
 
 
 def add_command(sub, model_options) -> None:
