@@ -139,3 +139,13 @@ def test_score_and_prefill_record_no_autograd_graph(model):
         handle.remove()
     assert grad_on == [False] * 6
     assert not nll.requires_grad and not cache.layers[0].keys.requires_grad
+
+
+def test_config_of_gives_the_settings_in_effect(lambda_stories):
+    import lminfinite
+
+    model, _ = lambda_stories
+    config = lminfinite.config_of(model)
+    assert isinstance(config, lminfinite.LambdaConfig) and (config.n_global, config.n_local) == (10, 512)
+    lminfinite.disable(model)
+    assert lminfinite.config_of(model) is None

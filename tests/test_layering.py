@@ -58,6 +58,7 @@ def test_public_api_is_all():
         "enable",
         "disable",
         "is_enabled",
+        "config_of",
         "LambdaCache",
         "LambdaConfig",
         "prefill",

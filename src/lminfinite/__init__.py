@@ -5,7 +5,7 @@ relative distance let a pretrained RoPE model read and write far past its traini
 fine-tuning, in O(n) time and bounded memory.
 """
 
-from .api import disable, enable, is_enabled
+from .api import config_of, disable, enable, is_enabled
 from .cache import LambdaCache
 from .config import LambdaConfig
 from .scoring import prefill, score
@@ -15,6 +15,7 @@ __all__ = [
     "enable",
     "disable",
     "is_enabled",
+    "config_of",
     "LambdaCache",
     "LambdaConfig",
     "prefill",

@@ -162,3 +162,9 @@ def disable(model: PreTrainedModel) -> PreTrainedModel:
 def is_enabled(model: nn.Module) -> bool:
     """Whether `enable()` is in effect on `model`."""
     return getattr(model, STATE_ATTR, None) is not None
+
+
+def config_of(model: nn.Module) -> LambdaConfig | None:
+    """The settings `enable()` put in effect on `model` (a frozen LambdaConfig), None when not enabled."""
+    state: LambdaState | None = getattr(model, STATE_ATTR, None)
+    return None if state is None else state.config

@@ -113,6 +113,7 @@ class LambdaCache(Cache):
         self.base = 0  # positions given to RoPE are token index - base (window) or token index (sinks)
         self._columns = 0  # columns seen (padding included), what generate() slices by
         self.plan: ForwardPlan | None = None  # the plan of the forward in progress (set by the pre-hook)
+        self.refusal: str | None = None  # why this cache is refused until reset() (see `invalidate`)
 
     @classmethod
     def for_model(cls, model) -> LambdaCache:
@@ -150,6 +151,8 @@ class LambdaCache(Cache):
         B, Tq = valid.shape
         device = valid.device
         G, L = self.n_global, self.n_local
+        if self.refusal is not None:
+            raise ValueError(self.refusal)
         if self.plan is not None:
             raise ValueError(
                 "a previous forward with this LambdaCache did not finish (interrupted?), so its layers are "
@@ -207,6 +210,18 @@ class LambdaCache(Cache):
         """Mark the forward planned by `begin()` as done (called after each forward)."""
         self.plan = None
 
+    def invalidate(self, reason: str) -> None:
+        """Refuse every later forward with this cache (ValueError: `reason`) until `reset()` empties it.
+
+        For a caller whose work on the cache was cut short (e.g. `stream()` interrupted during a prefill):
+        the cache is then incomplete, and must never be silently continued."""
+        self.refusal = reason
+
+    @property
+    def usable(self) -> bool:
+        """False after `invalidate()`, until `reset()`."""
+        return self.refusal is None
+
     def check_compatible(self, config: LambdaConfig, num_layers: int, owner: int) -> None:
         """Refuse a cache made for another model, another (G, L) or another top-k setting."""
         if (self.n_global, self.n_local) != (config.n_global, config.n_local):
@@ -248,7 +263,7 @@ class LambdaCache(Cache):
 
     def reset(self):
         super().reset()
-        self.tok = self.pos = self.seen = self.plan = None
+        self.tok = self.pos = self.seen = self.plan = self.refusal = None
         self.base = self._columns = 0
 
     def crop(self, tokens_to_remove: int) -> None:
