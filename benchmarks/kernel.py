@@ -14,6 +14,7 @@ from common import parse_args, run_point, save, timed
 
 from lminfinite.kernels import get_kernel, torch_chunked
 from lminfinite.kernels.common import Far, Middle
+from lminfinite.kernels.score_mod import ScoreMod
 from lminfinite.positions import Alibi
 
 HEADS, DIM, G = 16, 128, 10
@@ -25,13 +26,14 @@ def point(variant: str, n_local: int, mult: int, repeats: int) -> dict:
     n = mult * n_local
     q, k, v, qg = (torch.randn(1, HEADS, n, DIM) for _ in range(4))
     idx = torch.arange(n)[None]
-    kw = dict(n_global=G, n_local=n_local, scaling=DIM**-0.5)
+    alibi = None
     if variant.startswith("alibi"):
-        kw["alibi"] = Alibi(2.0 ** -torch.arange(1, HEADS + 1, dtype=torch.float32), n_local)
+        alibi = Alibi(2.0 ** -torch.arange(1, HEADS + 1, dtype=torch.float32), n_local)
+    kw = dict(n_global=G, n_local=n_local, mod=ScoreMod(DIM**-0.5, alibi=alibi))
     if variant == "alibi_masked":
         torch_chunked._FUSED = None  # this process only
     middle = Middle(k, v, idx, 5) if variant == "topk" else None
-    far = Far(qg, k[:, :, :G], v[:, :, :G], idx[:, :G], middle=middle, alibi=kw.get("alibi"))
+    far = Far(qg, k[:, :, :G], v[:, :, :G], idx[:, :G], middle=middle)
     kernel = get_kernel("torch")
 
     def call():

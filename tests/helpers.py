@@ -187,3 +187,12 @@ def family_model(family: str, layers: int = 2, seed: int = 0, **config_kwargs):
     config = FAMILY_CONFIGS[family](layers, **config_kwargs)
     kwargs = {} if family in ALIBI_FAMILIES else {"attn_implementation": "eager"}
     return transformers.AutoModelForCausalLM.from_config(config, **kwargs).float().eval()
+
+
+def with_mod(kw: dict) -> dict:
+    """Kernel keyword arguments with `scaling`, `softcap` and `alibi` folded into the one `mod` the kernels take."""
+    from lminfinite.kernels.score_mod import ScoreMod
+
+    kw = dict(kw)
+    mod = ScoreMod(kw.pop("scaling"), kw.pop("softcap", None), kw.pop("alibi", None))
+    return {**kw, "mod": mod}

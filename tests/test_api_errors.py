@@ -26,20 +26,18 @@ def model():
 # ------------------------------------------------------------------------------------------ foreign caches
 
 
-def test_a_dynamic_cache_reused_across_forwards_is_refused(model):
-    """Before: each forward swapped the (still empty) DynamicCache for a fresh LambdaCache, so the second
-    forward saw no context at all, silently. The first forward may replace it (nothing is lost, and its
-    output holds the LambdaCache); bringing it back is refused with what to pass instead."""
+def test_a_dynamic_cache_is_refused(model):
+    """Before: each forward swapped the (still empty) DynamicCache for a fresh LambdaCache, so a caller
+    reusing it saw no context at all, silently. Any cache but a LambdaCache is refused, with what to pass
+    instead (generate()'s own cache is replaced before the model sees it: test below)."""
     x = ids(30)
-    cache = DynamicCache()
-    with torch.no_grad():
-        first = model(input_ids=x[:, :20], cache=cache)
-    assert isinstance(first.cache, LambdaCache) and first.cache.get_seq_length() == 20
-    torch.testing.assert_close(first.logits, logits(model, x[:, :20]))
     with pytest.raises(ValueError, match=r"LambdaCache\.for_model\(model\).*lminfinite\.prefill"), torch.no_grad():
-        model(input_ids=x[:, 20:21], cache=cache)
-    with torch.no_grad():  # what the message says works: the returned LambdaCache continues the stream
+        model(input_ids=x[:, :20], cache=DynamicCache())
+    with torch.no_grad():  # what the message says works
+        first = model(input_ids=x[:, :20], use_cache=True)
+        assert isinstance(first.cache, LambdaCache) and first.cache.get_seq_length() == 20
         second = model(input_ids=x[:, 20:21], cache=first.cache).logits
+    torch.testing.assert_close(first.logits, logits(model, x[:, :20]))
     torch.testing.assert_close(second, logits(model, x[:, :21])[:, -1:], atol=1e-5, rtol=1e-5)
 
 

@@ -148,6 +148,31 @@ def test_a_short_inputs_equal_unmodified_model(family):
     torch.testing.assert_close(logits(model, x), ref, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ALIBI_FAMILIES])
+def test_the_plan_reaches_attention_by_the_route_the_table_says(family, monkeypatch):
+    """Each forward's plan reaches attention as a keyword argument, except for families whose decoder layers
+    drop keyword arguments (the table's `drops_kwargs`, e.g. StableLM): there, as the mask. A wrong table
+    entry fails here (the plan would not arrive, or a family would take the exception without need)."""
+    from transformers import AttentionInterface
+
+    from lminfinite import attention
+
+    model = family_model(family)
+    _enable(model, family, n_global=4, n_local=8)
+    routes = []
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        routes.append((attention.PLAN_KWARG in kwargs, isinstance(attention_mask, attention.PlanMask)))
+        return attention.lambda_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+    for name in (attention.NAME, attention.NAME_VIA_MASK):
+        monkeypatch.setitem(AttentionInterface._global_mapping, name, spy)
+    logits(model, ids(20, 1))
+    lminfinite.disable(model)
+    drops = TABLE[model.config.model_type].drops_kwargs
+    assert routes and set(routes) == {(False, True) if drops else (True, False)}
+
+
 def test_a_model_sliding_window_is_honoured():
     """Mistral with a window of 12 < n_local: the model never saw keys 12 tokens back, so it stays exactly
     itself at any length (no starting tokens are added)."""
@@ -408,7 +433,7 @@ def test_a_model_type_not_in_the_table_is_tried_by_looking():
     lminfinite.enable(model, n_global=2, n_local=16, backend="naive")
     ref = logits(model, x)
     lminfinite.enable(model, n_global=2, n_local=16)
-    assert model._lminfinite.layer_ropes[0].style == "half"
+    assert model._lminfinite.layers[0].rope.style == "half"
     torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=1e-5)
     lminfinite.disable(model)
     assert (logits(model, x) - ref).abs().max() > 1e-3

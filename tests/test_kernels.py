@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import with_mod
 
 from lminfinite.kernels import get_kernel, topk, torch_chunked
 from lminfinite.kernels.common import Far
@@ -27,11 +28,11 @@ def kernel(request, monkeypatch):
 
 
 def run(kernel, args, middle=None, **kw):
-    """Call `kernel` on the 9 tensors `_inputs` makes: the far keys (and `middle`) as one `Far`, whose
-    ALiBi biases come from the same `alibi` the local branch gets."""
+    """Call `kernel` on the 9 tensors `_inputs` makes: the far keys (and `middle`) as one `Far`; `scaling`,
+    `softcap` and `alibi` become the kernel's one `ScoreMod`."""
     q, k, v, q_idx, k_idx, qg, kg, vg, g_idx = args
-    far = None if qg is None else Far(qg, kg, vg, g_idx, middle=middle, alibi=kw.get("alibi"))
-    return kernel(q, k, v, q_idx, k_idx, far, **kw)
+    far = None if qg is None else Far(qg, kg, vg, g_idx, middle=middle)
+    return kernel(q, k, v, q_idx, k_idx, far, **with_mod(kw))
 
 
 def _inputs(B, H, Hkv, Tq, Tk, d, pads, G, dtype=torch.float32, seed=0):

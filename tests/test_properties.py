@@ -24,6 +24,7 @@ import lminfinite
 from lminfinite import LambdaCache
 from lminfinite.kernels import get_kernel, torch_chunked
 from lminfinite.kernels.common import Far, Middle
+from lminfinite.kernels.score_mod import ScoreMod
 from lminfinite.plan import candidate_columns, middle_columns
 from lminfinite.positions import Alibi
 
@@ -98,8 +99,8 @@ def _kernel_inputs(c):
     slopes = 2.0 ** -torch.arange(1, H + 1, dtype=torch.float32)
     alibi = Alibi(slopes, c["D"]) if c["alibi"] else None
     middle = Middle(km[:, :, :M], v[:, :, :M], k_idx[:, :M], c["top_k"]) if M else None
-    far = Far(qg, k[:, :, :S], v[:, :, :S], k_idx[:, :S], middle=middle, alibi=alibi) if S or M else None
-    kw = dict(n_global=c["G"], n_local=c["L"], scaling=c["scaling"], softcap=c["softcap"], alibi=alibi)
+    far = Far(qg, k[:, :, :S], v[:, :, :S], k_idx[:, :S], middle=middle) if S or M else None
+    kw = dict(n_global=c["G"], n_local=c["L"], mod=ScoreMod(c["scaling"], c["softcap"], alibi))
     return (q, k, v, q_idx, k_idx, far), kw
 
 
@@ -109,7 +110,7 @@ def _cast(args, dtype):
         middle = far.middle
         if middle is not None:
             middle = Middle(middle.keys.to(dtype), middle.values.to(dtype), middle.idx, middle.top_k)
-        far = Far(far.queries.to(dtype), far.keys.to(dtype), far.values.to(dtype), far.idx, middle, far.alibi)
+        far = Far(far.queries.to(dtype), far.keys.to(dtype), far.values.to(dtype), far.idx, middle)
     return q.to(dtype), k.to(dtype), v.to(dtype), q_idx, k_idx, far
 
 

@@ -1,4 +1,8 @@
-"""The attention function against the method as written in DESIGN.md, one query and key at a time.
+"""The attention function against the method as the paper states it, one query and key at a time.
+
+The method (Han et al., arXiv 2308.16137, Section 3; restated in `src/lminfinite/rule.py` and the README's
+"How it works"): a query at i attends keys j with i - j < L at their true distance, the first G tokens
+beyond that at distance D (RoPE: the query rotated to position D, the key at position 0), nothing else.
 
 This reference starts from unrotated q/k and applies RoPE itself: local keys at the true distance,
 starting keys with the query at position D and the key at position 0. It checks the whole path:
@@ -17,8 +21,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lminfinite.attention import lambda_attention_forward
 from lminfinite.config import LambdaConfig
-from lminfinite.context import LambdaState
-from lminfinite.plan import build_plan
+from lminfinite.plan import PLAN_KWARG, build_plan, build_specs
 from lminfinite.positions import Alibi, Rope
 
 
@@ -75,14 +78,13 @@ def spec_attention(q_raw, k_raw, v, G, L, D, rotary=None, slopes=None, top_k=0, 
 
 
 def _call(q, k, v, cfg, rope=None, alibi=None):
-    """lambda_attention_forward on one unpadded sequence, as a model's layer 0 would call it."""
-    state = LambdaState(config=cfg, num_layers=1, previous_attn="sdpa", layer_ropes={0: rope}, alibi=alibi)
-    valid = torch.ones(1, q.shape[2], dtype=torch.bool)
-    state.plan = build_plan(cfg.n_global, cfg.n_local, cfg.top_k, state.layer_ropes, valid)
+    """lambda_attention_forward on one unpadded sequence, as a model's layer 0 would call it: everything it
+    needs is in the plan it is handed (one layer spec, the token indices)."""
+    layers = build_specs(cfg, windows=[None], ropes=[rope], alibi=alibi)
+    plan = build_plan(cfg, layers, torch.ones(1, q.shape[2], dtype=torch.bool))
     module = torch.nn.Module()
     module.layer_idx = 0
-    module._lminfinite = state
-    out, _ = lambda_attention_forward(module, q, k, v, None, scaling=q.shape[-1] ** -0.5)
+    out, _ = lambda_attention_forward(module, q, k, v, None, scaling=q.shape[-1] ** -0.5, **{PLAN_KWARG: plan})
     return out
 
 

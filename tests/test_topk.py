@@ -183,11 +183,14 @@ def _far(qg, k, v, km, idx, G, top_k):
 def test_top_k_gradients_equal_the_naive_kernel(tied):
     """(FlexAttention has no backward on the CPU: torch raises its own error there.)"""
     from lminfinite.kernels import get_kernel
+    from lminfinite.kernels.score_mod import ScoreMod
 
     (q, k, v, qg, km), idx = _kernel_inputs(tied=tied)
     grads = []
     for name in ("naive", "torch"):
-        out = get_kernel(name)(q, k, v, idx, idx, _far(qg, k, v, km, idx, 2, K), n_global=2, n_local=L, scaling=0.4)
+        out = get_kernel(name)(
+            q, k, v, idx, idx, _far(qg, k, v, km, idx, 2, K), n_global=2, n_local=L, mod=ScoreMod(0.4)
+        )
         grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), (q, k, v, qg, km)))
     for ref, got in zip(*grads, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -201,6 +204,7 @@ def test_training_memory_of_top_k_grows_linearly():
     gradients are recorded: what autograd keeps (distinct storages) grows linearly with n (ties in every
     row: all middle keys are equal)."""
     from lminfinite.kernels import get_kernel
+    from lminfinite.kernels.score_mod import ScoreMod
 
     def saved_bytes(n):
         (q, k, v, qg, km), idx = _kernel_inputs(n=n, tied=True)
@@ -212,7 +216,7 @@ def test_training_memory_of_top_k_grows_linearly():
 
         far = _far(qg, k, v, km, idx, 2, K)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = get_kernel("torch")(q, k, v, idx, idx, far, n_global=2, n_local=L, scaling=0.4)
+            out = get_kernel("torch")(q, k, v, idx, idx, far, n_global=2, n_local=L, mod=ScoreMod(0.4))
         out.sum().backward()
         return sum(storages.values())
 

@@ -1,8 +1,11 @@
-"""The public entry points enable(), disable() and is_enabled(): Λ-attention on a model, in place.
+"""The public entry points enable(), disable(), is_enabled() and config_of(): Λ-attention on a model, in place.
 
-`enable(model)` switches a transformers model to Λ-attention in place: it registers the attention
-function, tags each attention layer with the shared state, installs the per-forward pre-hook on
-the decoder and selects `attn_implementation="lm_infinite"`. `disable(model)` undoes all of it.
+`enable(model)` switches a transformers model to Λ-attention in place: it validates the settings
+(`LambdaConfig`), builds one frozen `LayerSpec` per attention layer (`plan.build_specs`: its window,
+starting tokens, distance D, RoPE or ALiBi, top-k, kernel), installs the per-forward pre-hook on the
+decoder that hands every forward's plan (those specs, token indices, positions, the cache's step) to
+the layers, and selects `attn_implementation="lm_infinite"`. Every change is an undo handle;
+`disable(model)` removes them all.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import alibi, families
-from .attention import NAME, register
-from .config import LambdaConfig, pretraining_length
-from .context import STATE_ATTR, LambdaState, guard_generation, make_pre_hook, post_hook
+from .attention import NAME, NAME_VIA_MASK, clear, publish, register
+from .config import STATE_ATTR, LambdaConfig, config_of, pretraining_length
+from .context import LambdaState, guard_generation, make_pre_hook
+from .plan import build_specs
 from .positions import Alibi, install_rope_hooks, layer_rope
 
 
@@ -27,6 +31,16 @@ def _decoder(model: PreTrainedModel) -> nn.Module:
 
 def _attention_modules(decoder: nn.Module) -> list[nn.Module]:
     return [m for m in decoder.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+
+
+def _model_window(module: nn.Module) -> int | None:
+    """The sliding window a layer passes to its attention function (None: full attention), as
+    transformers' attention modules set it: their own `sliding_window` (None on full-attention layers,
+    or gated by `is_sliding`), else the config's (Mistral-style modules pass `config.sliding_window`)."""
+    if hasattr(module, "sliding_window"):
+        window = getattr(module, "sliding_window")  # noqa: B009
+        return window if getattr(module, "is_sliding", True) else None
+    return getattr(getattr(module, "config", None), "sliding_window", None)
 
 
 def _check_model(model) -> None:
@@ -81,7 +95,8 @@ def enable(
     top_k: optional top-k extension (default 0, off): in layers >= `top_k_from_layer` each query also
         attends its `top_k` best-scoring middle tokens, seen at distance D. The cache then keeps every
         token (memory grows with the input) and each query scores every middle token.
-    Calling it again reconfigures; training mode is allowed (the kernels are differentiable).
+    Calling it again reconfigures; training mode is allowed (the kernels are differentiable; attention
+    dropout is not applied, so a model training with a non-zero attention dropout is refused).
     """
     _check_model(model)
     decoder = _decoder(model)
@@ -105,40 +120,75 @@ def enable(
     if is_enabled(model):
         disable(model)
     register()
-    text_config = model.config.get_text_config(decoder=True)
-    if config.top_k and config.top_k_from_layer >= text_config.num_hidden_layers:
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if config.top_k and config.top_k_from_layer >= num_layers:
         raise ValueError(
-            f"top_k_from_layer={config.top_k_from_layer} but the model has {text_config.num_hidden_layers} layers "
+            f"top_k_from_layer={config.top_k_from_layer} but the model has {num_layers} layers "
             "(numbered from 0): no layer would use top-k, yet the cache would keep every token"
         )
-    state = LambdaState(
-        config=config,
-        num_layers=text_config.num_hidden_layers,
-        previous_attn=model.config._attn_implementation,
+    indexed = sorted(((int(getattr(m, "layer_idx")), m) for m in _attention_modules(decoder)), key=lambda t: t[0])  # noqa: B009
+    if not indexed:
+        raise ValueError(f"found no attention layers in {type(model).__name__}")
+    if [i for i, _ in indexed] != list(range(num_layers)):
+        raise ValueError(
+            f"{type(model).__name__}: expected one attention layer per decoder layer (0 .. {num_layers - 1}), "
+            f"found layers {[i for i, _ in indexed]}"
+        )
+    modules = [m for _, m in indexed]
+    adapter = None if family is None else family.alibi
+    is_alibi = adapter is not None
+    slopes = (
+        None if adapter is None else Alibi(adapter.slopes(decoder), config.distance, config.sink_positions == "own")
+    )
+    layers = build_specs(
+        config,
+        windows=[None if is_alibi else _model_window(m) for m in modules],
+        ropes=[layer_rope(rope, m) for m in modules],
+        alibi=slopes,
     )
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    state.vocab_size = getattr(embeddings, "num_embeddings", None)
-    state.modules = _attention_modules(decoder)
-    if not state.modules:
-        raise ValueError(f"found no attention layers in {type(model).__name__}")
-    state.layer_ropes = {module.layer_idx: layer_rope(rope, module) for module in state.modules}
-    for module in state.modules:
-        setattr(module, STATE_ATTR, state)
-    state.handles.append(decoder.register_forward_pre_hook(make_pre_hook(state, decoder), with_kwargs=True))
-    state.handles.append(decoder.register_forward_hook(post_hook, with_kwargs=True))
+    state = LambdaState(
+        config=config,
+        layers=layers,
+        previous_attn=model.config._attn_implementation,
+        vocab_size=getattr(embeddings, "num_embeddings", None),
+    )
+    via_mask = families.plan_via_mask(family)
+    hook = make_pre_hook(state, decoder, publish if via_mask else None)
+    state.handles.append(decoder.register_forward_pre_hook(hook, with_kwargs=True))
+    if via_mask:
+        state.handles.append(decoder.register_forward_hook(clear, with_kwargs=True))
     state.handles.extend(guard_generation(model))
-    if family is not None and family.alibi is not None:
-        sinks = config.sink_positions == "own"
-        state.alibi = Alibi(family.alibi.slopes(decoder), config.distance, sinks=sinks)
-        state.handles.extend(alibi.install(state, model.config, family.alibi))
-        model.config._attn_implementation = alibi.ALIBI_NAME  # they refuse set_attn_implementation
+    name = NAME_VIA_MASK if via_mask else NAME
+    if adapter is not None:
+        state.handles.extend(alibi.install(modules, adapter))
+        model.config._attn_implementation = name  # ALiBi models refuse set_attn_implementation
+        state.handles.append(_ConfigAttn(model, state.previous_attn))
     else:
         state.handles.extend(install_rope_hooks(rope))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.set_attn_implementation(NAME)
+            model.set_attn_implementation(name)
+        state.handles.append(_SetAttn(model, state.previous_attn))
     setattr(model, STATE_ATTR, state)
     return model
+
+
+class _SetAttn:
+    """Undo handle: restores the model's attention implementation."""
+
+    def __init__(self, model: PreTrainedModel, previous: str):
+        self.model, self.previous = model, previous
+
+    def remove(self) -> None:
+        self.model.set_attn_implementation(self.previous)
+
+
+class _ConfigAttn(_SetAttn):
+    """Undo handle for ALiBi models, which refuse set_attn_implementation: restores the config's value."""
+
+    def remove(self) -> None:
+        self.model.config._attn_implementation = self.previous
 
 
 def disable(model: PreTrainedModel) -> PreTrainedModel:
@@ -146,15 +196,8 @@ def disable(model: PreTrainedModel) -> PreTrainedModel:
     state: LambdaState | None = getattr(model, STATE_ATTR, None)
     if state is None:
         return model
-    for handle in state.handles:
+    for handle in reversed(state.handles):
         handle.remove()
-    for module in state.modules:
-        if hasattr(module, STATE_ATTR):
-            delattr(module, STATE_ATTR)
-    if state.alibi is not None:
-        model.config._attn_implementation = state.previous_attn
-    else:
-        model.set_attn_implementation(state.previous_attn)
     delattr(model, STATE_ATTR)
     return model
 
@@ -164,7 +207,4 @@ def is_enabled(model: nn.Module) -> bool:
     return getattr(model, STATE_ATTR, None) is not None
 
 
-def config_of(model: nn.Module) -> LambdaConfig | None:
-    """The settings `enable()` put in effect on `model` (a frozen LambdaConfig), None when not enabled."""
-    state: LambdaState | None = getattr(model, STATE_ATTR, None)
-    return None if state is None else state.config
+__all__ = ["enable", "disable", "is_enabled", "config_of"]

@@ -4,8 +4,10 @@ Each row keeps the key/value columns holding its first `n_global` real tokens an
 `n_local - 1` columns (what the next query can see); the middle is dropped, so memory is constant
 however long the stream. With `keep_middle` (the top-k extension) nothing is dropped, and memory
 grows with the stream. All layers share one column layout, decided once per forward in `begin()`:
-the token index and RoPE position of every column, which columns survive, and the re-basing; the
-layers read it from the forward's plan (`plan.ForwardPlan.cache_step`), set on the cache by `start()`.
+the token index and RoPE position of every column, which columns survive, and the re-basing. The cache
+keeps the step its own `begin()` returned (`plan.CacheStep`, also in the forward's plan), and each
+layer applies it once in `update()`: a counter of steps per layer tells a forward that was cut short
+(some layers behind the others), so nothing outside the cache sets or clears its fields.
 
 Bounded positions. Keys are stored rotated (RoPE) at model positions `p = t - base`, where `t`
 counts a row's real tokens and `base` is a shared offset. When the next position would pass
@@ -22,13 +24,14 @@ shortest row).
 
 from __future__ import annotations
 
+import weakref
 from typing import cast
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .config import LambdaConfig
-from .plan import CacheLayout, CacheStep, ForwardPlan
+from .config import LambdaConfig, config_of
+from .plan import CacheLayout, CacheStep, LayerSpec
 from .rule import token_indices
 
 
@@ -49,23 +52,17 @@ class LambdaLayer(DynamicLayer):
     def __init__(self, shared: LambdaCache, layer_idx: int):
         super().__init__()
         self.shared, self.layer_idx = shared, layer_idx
+        self.applied = 0  # steps of the cache this layer has applied
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        step = self.shared.step
+        if step is None or self.applied != self.shared.steps - 1:
+            raise RuntimeError("LambdaCache.update called outside a forward of an lminfinite-enabled model")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        plan = self.shared.plan
-        if plan is None or plan.cache_step is None:
-            raise RuntimeError("LambdaCache.update called outside a forward of an lminfinite-enabled model")
-        step = plan.cache_step
         keys, values = self.keys, self.values
         assert keys is not None and values is not None  # initialized above
-        rope = plan.layer_ropes[self.layer_idx]
-        a, b = step.moved  # the stored columns whose position changes in this forward
-        if b > a and rope is not None:
-            moved = rope.rotate(keys[..., a:b, :], *plan.move_rotation(rope, keys.device))
-            full_k = torch.cat([keys[..., :a, :], moved, keys[..., b:, :], key_states], dim=-2)
-        else:
-            full_k = torch.cat([keys, key_states], dim=-2)
+        full_k = torch.cat([step.move(self.layer_idx, keys), key_states], dim=-2)
         full_v = torch.cat([values, value_states], dim=-2)
         keep = step.keep
         if keep is None:
@@ -73,6 +70,7 @@ class LambdaLayer(DynamicLayer):
         else:
             keep = keep.to(full_k.device)
             self.keys, self.values = full_k.index_select(-2, keep), full_v.index_select(-2, keep)
+        self.applied += 1
         return full_k, full_v
 
     def get_seq_length(self) -> int:
@@ -88,6 +86,7 @@ class LambdaLayer(DynamicLayer):
     def reset(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
+        self.applied = 0
 
 
 class LambdaCache(Cache):
@@ -106,22 +105,23 @@ class LambdaCache(Cache):
             )
         self.config = config  # what the cache keeps depends on n_global, n_local and whether top-k is on
         super().__init__(layers=[LambdaLayer(self, i) for i in range(num_layers)])
-        self.owner: int | None = None  # id of the model state that filled it
+        self._owner: weakref.ref | None = None  # the decoder of the enabled model that filled it
         self.tok: torch.Tensor | None = None  # (batch, stored columns) token index, -1 = padding
         self.pos: torch.Tensor | None = None  # (batch, stored columns) RoPE position each stored key is at
         self.seen: torch.Tensor | None = None  # (batch,) real tokens seen per row
         self.base = 0  # positions given to RoPE are token index - base (window) or token index (sinks)
         self._columns = 0  # columns seen (padding included), what generate() slices by
-        self.plan: ForwardPlan | None = None  # the plan of the forward in progress (set by the pre-hook)
+        self.step: CacheStep | None = None  # the step of the latest forward (returned by `begin`)
+        self.steps = 0  # forwards begun; each layer counts the steps it applied
         self.refusal: str | None = None  # why this cache is refused until reset() (see `invalidate`)
 
     @classmethod
     def for_model(cls, model) -> LambdaCache:
         """An empty LambdaCache matching an enabled model's (G, L), depth and top-k setting."""
-        state = getattr(model, "_lminfinite", None)
-        if state is None:
+        config = config_of(model)
+        if config is None:
             raise ValueError("call lminfinite.enable(model) before creating a LambdaCache for it")
-        return cls(state.config, state.num_layers)
+        return cls(config, model.config.get_text_config(decoder=True).num_hidden_layers)
 
     @property
     def n_global(self) -> int:
@@ -140,20 +140,21 @@ class LambdaCache(Cache):
     def position_bound(self) -> int:
         return 2 * self.n_local
 
-    def begin(self, valid: torch.Tensor, rotary: bool) -> CacheLayout:
+    def begin(self, valid: torch.Tensor, layers: tuple[LayerSpec, ...]) -> CacheLayout:
         """Decide the layout for a forward of new columns with padding mask `valid` (batch, q_len), and
         update the cache's bookkeeping (token indices, positions, base) to what it holds after it.
 
-        `rotary`: whether some layer applies RoPE (only then do positions re-base). Returns the new
-        tokens' indices and RoPE positions, the indices and positions of all key columns the layers will
-        return (stored + new), and the step every layer applies to its stored columns. The forward's
-        plan is then set on the cache (`start`) and cleared after the forward (`finish`)."""
+        `layers`: the model's layer specs (only when some layer applies RoPE do positions re-base; each
+        layer moves its stored keys with its own rotary embedding). Returns the new tokens' indices and
+        RoPE positions, the indices and positions of all key columns the layers will return (stored +
+        new), and the step every layer applies to its stored columns, which the cache keeps (`step`)."""
         B, Tq = valid.shape
         device = valid.device
         G, L = self.n_global, self.n_local
+        rotary = any(spec.rope is not None for spec in layers)
         if self.refusal is not None:
             raise ValueError(self.refusal)
-        if self.plan is not None:
+        if any(layer.applied != self.steps for layer in self.lambda_layers):
             raise ValueError(
                 "a previous forward with this LambdaCache did not finish (interrupted?), so its layers are "
                 "out of step; make a new cache"
@@ -199,16 +200,9 @@ class LambdaCache(Cache):
 
         cols = (delta != 0).any(0).nonzero()
         a, b = (int(cols.min()), int(cols.max()) + 1) if cols.numel() else (0, 0)
-        step = CacheStep(moved=(a, b), delta=delta[:, a:b], keep=keep)
-        return CacheLayout(q_idx=q_idx, q_pos=q_pos, k_idx=full_tok, k_pos=full_pos, step=step)
-
-    def start(self, plan: ForwardPlan) -> None:
-        """Set the plan of the forward planned by `begin()`: its layers read it in `update()`."""
-        self.plan = plan
-
-    def finish(self) -> None:
-        """Mark the forward planned by `begin()` as done (called after each forward)."""
-        self.plan = None
+        self.step = CacheStep(moved=(a, b), delta=delta[:, a:b], keep=keep, layers=layers)
+        self.steps += 1
+        return CacheLayout(q_idx=q_idx, q_pos=q_pos, k_idx=full_tok, k_pos=full_pos, step=self.step)
 
     def invalidate(self, reason: str) -> None:
         """Refuse every later forward with this cache (ValueError: `reason`) until `reset()` empties it.
@@ -222,7 +216,7 @@ class LambdaCache(Cache):
         """False after `invalidate()`, until `reset()`."""
         return self.refusal is None
 
-    def check_compatible(self, config: LambdaConfig, num_layers: int, owner: int) -> None:
+    def check_compatible(self, config: LambdaConfig, num_layers: int, owner: object) -> None:
         """Refuse a cache made for another model, another (G, L) or another top-k setting."""
         if (self.n_global, self.n_local) != (config.n_global, config.n_local):
             raise ValueError(
@@ -239,10 +233,10 @@ class LambdaCache(Cache):
             )
         if len(self.layers) != num_layers:
             raise ValueError(f"this LambdaCache has {len(self.layers)} layers, the model has {num_layers}")
-        if self.owner is None:
-            self.owner = owner
-        elif self.owner != owner and self._columns:
+        filled_by = None if self._owner is None else self._owner()
+        if filled_by is not owner and self._columns:
             raise ValueError("this LambdaCache holds another model's keys and values; make a new cache")
+        self._owner = weakref.ref(owner)
 
     # Batch bookkeeping: the shared layout follows the layers.
     def _rows(self, fn) -> None:
@@ -263,8 +257,8 @@ class LambdaCache(Cache):
 
     def reset(self):
         super().reset()
-        self.tok = self.pos = self.seen = self.plan = self.refusal = None
-        self.base = self._columns = 0
+        self.tok = self.pos = self.seen = self.step = self.refusal = None
+        self.base = self._columns = self.steps = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` columns (transformers 5 semantics: 0 is a no-op, a

@@ -10,7 +10,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from torch import nn
+
 from .kernels import BACKENDS
+
+# The attribute of an enabled model holding what enable() attached (`context.LambdaState`: its config, its
+# layer specs, the handles disable() removes). Only the library reads it; tools use `config_of`.
+STATE_ATTR = "_lminfinite"
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,12 @@ class LambdaConfig:
     def uses_top_k(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` attends top-k middle keys."""
         return self.top_k > 0 and layer_idx >= self.top_k_from_layer
+
+
+def config_of(model: nn.Module) -> LambdaConfig | None:
+    """The settings `enable()` put in effect on `model` (a frozen LambdaConfig), None when not enabled."""
+    state = getattr(model, STATE_ATTR, None)
+    return None if state is None else state.config
 
 
 def pretraining_length(config) -> int:

@@ -6,32 +6,28 @@ the rotary embedding). Before every forward it does two things:
 1. `normalise_arguments`: one keyword dict (positional ids moved to keywords, the cache under the
    decoder's own name), the ids checked, the padding of the new tokens read from the 2D
    `attention_mask` (left padding only), and the cache chosen: the caller's LambdaCache, a new one
-   where transformers would build a DynamicCache, or a clear error for a cache that cannot be used;
-2. `plan.build_plan`: the forward's `ForwardPlan` (token indices, bounded positions, the cache's
-   step), which replaces `position_ids` and travels with the forward's keyword arguments
-   (`lminfinite_ctx`): transformers hands them to every layer's attention function, so a layer re-run
-   later (gradient checkpointing) or another thread's forward sees its own plan. `state.plan` keeps the
-   latest one as a fallback for models that do not forward extra keyword arguments.
+   where transformers would build its own cache, or a clear error for a cache that cannot be used;
+2. `plan.build_plan`: the forward's `ForwardPlan` (the layer specs enable() built, token indices,
+   bounded positions, the cache's step), which replaces `position_ids` and travels with the forward's
+   keyword arguments (`PLAN_KWARG`): transformers hands them to every layer's attention function, so
+   a layer re-run later (gradient checkpointing) or another thread's forward sees its own plan. The
+   plan is the only way per-forward state reaches attention (ALiBi models: see `alibi.py`).
 """
 
 from __future__ import annotations
 
 import inspect
-import weakref
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import MethodType
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import LambdaCache
 from .config import LambdaConfig
-from .plan import ForwardPlan, build_plan
-from .positions import Alibi
-
-CTX_KWARG = "lminfinite_ctx"  # the keyword argument that carries a forward's plan to its layers
-STATE_ATTR = "_lminfinite"  # the attribute holding the LambdaState on an enabled model and its attention modules
+from .plan import PLAN_KWARG, ForwardPlan, LayerSpec, build_plan
 
 USE_LAMBDA_CACHE = (
     "pass cache=lminfinite.LambdaCache.for_model(model) (to continue from earlier tokens, fill it with "
@@ -41,31 +37,17 @@ USE_LAMBDA_CACHE = (
 
 @dataclass
 class LambdaState:
-    """Everything enable() attached to a model."""
+    """What enable() attached to a model: its settings, its layer specs, and the handles disable() removes."""
 
     config: LambdaConfig
-    num_layers: int
+    layers: tuple[LayerSpec, ...]
     previous_attn: str
     handles: list = field(default_factory=list)
-    modules: list = field(default_factory=list)
-    layer_ropes: dict = field(default_factory=dict)  # layer_idx -> the Rope that layer applies (None: no RoPE)
-    alibi: Alibi | None = None  # ALiBi models: the slopes (on the CPU) and D
     vocab_size: int | None = None  # rows of the input embedding: token ids must be below it
-    plan: ForwardPlan | None = None  # the latest forward's plan (fallback for models without **kwargs)
-    _alibi_on: dict = field(default_factory=dict)
-
-    def alibi_on(self, device: torch.device) -> Alibi | None:
-        """The model's ALiBi with its slopes on `device` (None for models without ALiBi)."""
-        if self.alibi is None:
-            return None
-        if device not in self._alibi_on:
-            self._alibi_on[device] = replace(self.alibi, slopes=self.alibi.slopes.to(device))
-        return self._alibi_on[device]
 
     @property
-    def rotary(self) -> bool:
-        """Whether some layer applies RoPE."""
-        return any(rope is not None for rope in self.layer_ropes.values())
+    def num_layers(self) -> int:
+        return len(self.layers)
 
 
 def _padding(attention_mask, batch: int, q_len: int, device) -> torch.Tensor:
@@ -95,20 +77,16 @@ def _check_ids(input_ids: torch.Tensor, vocab_size: int | None) -> None:
             raise ValueError(f"token id {bad} is outside the model's vocabulary (ids 0 .. {vocab_size - 1})")
 
 
-# Foreign caches this hook has replaced by a LambdaCache (see `_choose_cache`): one that comes back is refused.
-_REPLACED: weakref.WeakSet = weakref.WeakSet()
-
-
 def _choose_cache(state: LambdaState, cache, use_cache: bool) -> LambdaCache | None:
     """The LambdaCache of this forward (None: no cache), from what the caller passed.
 
     A cache of another class cannot hold what Λ-attention keeps, and must not be silently replaced
-    by a fresh LambdaCache on each call (every forward would then see no context). It is refused,
-    except an empty one that is provably never read again: the DynamicCache `generate()` makes for
-    itself (it then continues with the cache the model returns). Such a cache is replaced once and
-    remembered: if it comes back (a caller reusing it), it is refused."""
-    if cache is None or isinstance(cache, LambdaCache):
-        return cache if cache is not None or not use_cache else LambdaCache(state.config, state.num_layers)
+    by a fresh LambdaCache on each call (every forward would then see no context): it is refused. The
+    cache `generate()` makes for itself is replaced before it gets here (`_prepare_inputs_checked`)."""
+    if cache is None:
+        return LambdaCache(state.config, state.num_layers) if use_cache else None
+    if isinstance(cache, LambdaCache):
+        return cache
     name = type(cache).__name__
     if not isinstance(cache, Cache):
         raise TypeError(f"cache must be a LambdaCache, got a {name}; {USE_LAMBDA_CACHE}")
@@ -117,13 +95,10 @@ def _choose_cache(state: LambdaState, cache, use_cache: bool) -> LambdaCache | N
             f"a filled {name} was passed to an lminfinite-enabled model: its keys were computed without "
             f"Λ-attention and it cannot hold what Λ-attention keeps; {USE_LAMBDA_CACHE}"
         )
-    if getattr(cache, "_is_user_defined", False) or cache in _REPLACED:
-        raise ValueError(
-            f"a {name} was passed to an lminfinite-enabled model, which cannot fill it (it would stay empty "
-            f"and every call would start without context); {USE_LAMBDA_CACHE}"
-        )
-    _REPLACED.add(cache)
-    return LambdaCache(state.config, state.num_layers)
+    raise ValueError(
+        f"a {name} was passed to an lminfinite-enabled model, which cannot fill it (it would stay empty "
+        f"and every call would start without context); {USE_LAMBDA_CACHE}"
+    )
 
 
 def normalise_arguments(
@@ -156,35 +131,42 @@ def normalise_arguments(
         use_cache = bool(getattr(module.config, "use_cache", False)) and not module.training
     cache = _choose_cache(state, kwargs.get(cache_kw), bool(use_cache))
     if cache is not None:
-        cache.check_compatible(state.config, state.num_layers, id(module))
+        cache.check_compatible(state.config, state.num_layers, module)
         kwargs[cache_kw] = cache
         kwargs["use_cache"] = True
     return kwargs, valid, cache
 
 
-def make_pre_hook(state: LambdaState, decoder: nn.Module):
+def make_pre_hook(state: LambdaState, decoder: nn.Module, publish: Callable[[ForwardPlan], None] | None = None):
+    """The decoder's forward pre-hook. `publish`: also hands each plan to it (ALiBi models, `alibi.py`)."""
     params = inspect.signature(decoder.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def pre_hook(module, args, kwargs):
         kwargs, valid, cache = normalise_arguments(state, module, cache_kw, args, kwargs)
-        cfg = state.config
-        layout = None if cache is None else cache.begin(valid, state.rotary)
-        plan = build_plan(cfg.n_global, cfg.n_local, cfg.top_k, state.layer_ropes, valid, layout)
-        if cache is not None:
-            cache.start(plan)
+        layout = None if cache is None else cache.begin(valid, state.layers)
+        plan = build_plan(state.config, state.layers, valid, layout)
         kwargs["position_ids"] = plan.q_pos
-        kwargs[CTX_KWARG] = state.plan = plan
+        kwargs[PLAN_KWARG] = plan
+        if publish is not None:
+            publish(plan)
         return (), kwargs
 
     return pre_hook
 
 
 def _prepare_inputs_checked(self, input_ids, *args, **kwargs):
-    """`prepare_inputs_for_generation` of an enabled model: refuses ids that do not extend the LambdaCache
-    given to `generate()`, which feeds `ids[:, cache_length:]`: shorter ids would feed tokens the cache
-    already holds (or none) instead of failing."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    """`prepare_inputs_for_generation` of an enabled model.
+
+    The empty cache `generate()` made for itself (a DynamicCache it did not get from the user) is replaced
+    by a LambdaCache before the first forward; generate() then continues with the cache the model returns.
+    Ids that do not extend a LambdaCache given to `generate()` are refused: generate() feeds
+    `ids[:, cache_length:]`, so shorter ids would feed tokens the cache already holds (or none)."""
+    name = "cache" if "cache" in kwargs else "past_key_values"
+    cache = kwargs.get(name)
+    own = type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+    if own and cache.get_seq_length() == 0:
+        kwargs[name] = cache = LambdaCache.for_model(self)
     new = kwargs.get("next_sequence_length")
     if isinstance(cache, LambdaCache) and new is not None and new < 1 and kwargs.get("inputs_embeds") is None:
         held = cache.get_seq_length()
@@ -209,10 +191,3 @@ class _GenerationGuard:
 def guard_generation(model: nn.Module) -> list:
     """The handles of `_GenerationGuard` on `model` (none for a model that cannot generate)."""
     return [_GenerationGuard(model)] if callable(getattr(model, "prepare_inputs_for_generation", None)) else []
-
-
-def post_hook(module, args, kwargs, output):
-    """After a forward: its cache layout is complete (see `LambdaCache.begin`)."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if isinstance(cache, LambdaCache):
-        cache.finish()

@@ -34,6 +34,9 @@ class Family:
     interleaved: bool = False  # rotary pairs dimensions (2i, 2i+1)
     alibi: alibi.Adapter | None = None  # ALiBi families: the adapter of their attention modules
     reason: str = ""  # refused families: why
+    # The decoder's layers drop the forward's keyword arguments before calling attention, so the plan
+    # goes through the mask (`attention.NAME_VIA_MASK`); always so for ALiBi adapters.
+    drops_kwargs: bool = False
 
     def __post_init__(self) -> None:
         if self.positions not in ("rope", "alibi", "absolute", "refused"):
@@ -42,6 +45,8 @@ class Family:
             raise ValueError("an ALiBi family needs its adapter, and only ALiBi families have one")
         if (self.positions == "refused") != bool(self.reason):
             raise ValueError("a refused family needs its reason, and only refused families have one")
+        if self.alibi is not None:
+            object.__setattr__(self, "drops_kwargs", True)
 
 
 ROPE = Family("rope")
@@ -61,7 +66,7 @@ FAMILIES: dict[str, Family] = {
     "gemma2": ROPE,  # logit softcapping
     "gemma3_text": ROPE,  # per-layer-type RoPE frequencies
     "gpt_neox": ROPE,  # partial rotary
-    "stablelm": ROPE,
+    "stablelm": Family("rope", drops_kwargs=True),  # its decoder layers call attention without **kwargs
     "phi": ROPE,
     "smollm3": ROPE,  # layers without RoPE keep the Λ mask
     "gptj": INTERLEAVED,  # a sin/cos table sized by n_positions (grown on demand)
@@ -106,6 +111,12 @@ FAMILIES: dict[str, Family] = {
         "refused", reason="its full-attention layers have no RoPE while sharing the rotary module (not yet told apart)"
     ),
 }
+
+
+def plan_via_mask(family: Family | None) -> bool:
+    """Whether the plan reaches attention through the mask (`attention.NAME_VIA_MASK`): for families that
+    drop keyword arguments, and for model types not in the table (their layers are not known)."""
+    return family is None or family.drops_kwargs
 
 
 def family_of(model: nn.Module) -> Family | None:

@@ -1,31 +1,122 @@
-"""The per-forward plan: one frozen value, built before each forward, that every layer reads.
+"""The carrier of a forward: frozen per-layer specs built once by enable(), and one plan per forward.
 
-The decoder's pre-hook (`context.py`) builds it once per forward from the padding of the new tokens
-and, with a cache, the layout the LambdaCache decided for this forward (`LambdaCache.begin`). Its
-fields are everything a layer needs that does not depend on the layer:
+`LayerSpec` is everything one attention layer does, fixed when `enable()` runs: its window `n_local`
+after the model's own sliding window, whether it sees the starting tokens, the distance `D` they are
+seen at, its RoPE (or ALiBi), whether it takes the top-k middle keys, and its kernel.
 
+`ForwardPlan` is built once per forward by the decoder's pre-hook (`context.py`) and handed to every
+layer as the keyword argument `PLAN_KWARG` (transformers passes a forward's extra keyword arguments down
+to each attention function); it is the only way state reaches attention:
+
+- `layers`: the specs, indexed by layer;
 - `q_idx`, `k_idx`: the token index of each query and of each key column (the Λ rule works on these);
 - `q_pos`, `k_pos`: the RoPE position of each query and of each key column (bounded by the cache);
 - `n_candidates`, `n_middle`: how many leading key columns can hold starting tokens, and middle keys
   for the top-k extension (0: that branch is off in this forward);
-- `layer_ropes`: the rotary embedding each layer applies (None: ALiBi, or a layer without RoPE);
-- `cache_step`: what the cache layers do to their stored columns (which move, which are kept).
+- `cache_step`: what the cache layers do to their stored columns (which move, which are kept); the
+  cache keeps the same step itself (`LambdaCache.begin` returns it).
 
-The rotations the plan implies ((cos, sin) of queries moved to distance D, of far keys moved back to
-position 0, of cached keys re-based) are computed on first use by one layer and reused by the others.
+The rotations a plan implies (queries moved to distance D, far keys moved back to position 0, stored
+keys re-based) are computed on first use by one layer and reused by the layers sharing its RoPE
+(`LayerSpec.rope_key` numbers the model's distinct rotary embeddings).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from .positions import Rope
+from .config import LambdaConfig
+from .kernels import Kernel, get_kernel
+from .positions import Alibi, Rope, layer_window
 from .rule import middle_rule, token_indices
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
+
+PLAN_KWARG = "lminfinite_plan"  # the keyword argument that carries a forward's plan to its layers
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one attention layer does, built once by `enable()` (see the module docstring).
+
+    n_global, n_local: the layer's G and L; a layer with the model's own sliding window `W <= L` keeps
+        exactly that window (`n_local = W`) and sees no starting tokens (`has_global` False).
+    distance: D, the distance at which far keys (starting tokens, top-k middle keys) are seen.
+    sinks: StreamingLLM-style baseline: a starting key keeps its position, the query sits at min(D, i).
+    top_k: middle keys each query of this layer attends (0: off in this layer).
+    model_window: the model's own sliding window of this layer (None: full attention), as transformers
+        passes it to the attention function (checked there).
+    rope, rope_key: the layer's rotary embedding (None: ALiBi or a layer without RoPE) and its number
+        among the model's distinct rotary embeddings (-1: none).
+    alibi: the model's ALiBi (slopes, D), None for RoPE models.
+    kernel: the attention kernel of the configured backend; block_size: its query block (None: chosen).
+    """
+
+    layer_idx: int
+    n_global: int
+    n_local: int
+    has_global: bool
+    distance: int
+    sinks: bool
+    top_k: int
+    model_window: int | None
+    rope: Rope | None
+    rope_key: int
+    alibi: Alibi | None
+    kernel: Kernel = field(repr=False)
+    block_size: int | None = None
+
+
+def build_specs(
+    config: LambdaConfig,
+    windows: list[int | None],
+    ropes: list[Rope | None],
+    alibi: Alibi | None = None,
+) -> tuple[LayerSpec, ...]:
+    """The spec of every layer: `windows[i]`, `ropes[i]` are layer i's own sliding window (None: full
+    attention) and rotary embedding."""
+    if len(windows) != len(ropes):
+        raise ValueError("one window and one rotary embedding per layer")
+    distinct: list[Rope] = []
+    for rope in ropes:
+        if rope is not None and not any(rope == seen for seen in distinct):
+            distinct.append(rope)
+    kernel = get_kernel(config.backend)
+    specs = []
+    for i, (window, rope) in enumerate(zip(windows, ropes, strict=True)):
+        n_local, has_global = layer_window(config.n_local, window)
+        specs.append(
+            LayerSpec(
+                layer_idx=i,
+                n_global=config.n_global,
+                n_local=n_local,
+                has_global=has_global,
+                distance=config.distance,
+                sinks=config.sink_positions == "own",
+                top_k=config.top_k if config.uses_top_k(i) else 0,
+                model_window=window,
+                rope=rope,
+                rope_key=-1 if rope is None else next(k for k, seen in enumerate(distinct) if rope == seen),
+                alibi=alibi,
+                kernel=kernel,
+                block_size=config.block_size,
+            )
+        )
+    return tuple(specs)
+
+
+class _Memo:
+    """Values a plan computes on first use and its layers share (rotations, column counts)."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple, object] = {}
+
+    def get(self, key: tuple, make):
+        if key not in self.values:
+            self.values[key] = make()
+        return self.values[key]
 
 
 @dataclass(frozen=True)
@@ -35,11 +126,26 @@ class CacheStep:
     moved: stored columns [a, b) whose RoPE position changes (re-basing; top-k keys leaving the window).
     delta: (batch, b - a) how far each of those columns moves (positions).
     keep: indices of the (stored + new) columns kept after this forward; None keeps all of them.
+    layers: the model's layer specs (each layer moves its columns with its own rotary embedding).
     """
 
     moved: tuple[int, int]
     delta: torch.Tensor
     keep: torch.Tensor | None
+    layers: tuple[LayerSpec, ...] = field(repr=False)
+    _memo: _Memo = field(default_factory=_Memo, repr=False, compare=False)
+
+    def move(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        """Stored keys (batch, kv_heads, columns, d) of layer `layer_idx` with the columns `moved`
+        rotated by `delta` (unchanged for a layer without RoPE, or when nothing moves)."""
+        a, b = self.moved
+        rope = self.layers[layer_idx].rope
+        if b <= a or rope is None:
+            return keys
+        key = (self.layers[layer_idx].rope_key, keys.device)
+        cos, sin = self._memo.get(key, lambda: rope.cos_sin(self.delta.to(keys.device)))
+        moved = rope.rotate(keys[..., a:b, :], cos, sin)
+        return torch.cat([keys[..., :a, :], moved, keys[..., b:, :]], dim=-2)
 
 
 @dataclass(frozen=True)
@@ -58,53 +164,48 @@ class CacheLayout:
 class ForwardPlan:
     """Everything the layers of one forward share; see the module docstring for the fields."""
 
+    layers: tuple[LayerSpec, ...]
     q_idx: torch.Tensor  # (batch, q_len) token index of each query, -1 = padding
     q_pos: torch.Tensor  # (batch, q_len) RoPE position of each query
     k_idx: torch.Tensor  # (batch, k_len) token index of each key column the layers see
     k_pos: torch.Tensor  # (batch, k_len) RoPE position each key column is at
     n_candidates: int  # leading key columns that may hold starting tokens (0: no global branch)
     n_middle: int  # leading key columns that may hold middle keys (top-k extension; 0 when off)
-    layer_ropes: Mapping[int, Rope | None]  # layer_idx -> the rotary embedding that layer applies
     cache_step: CacheStep | None = None  # None: no cache in this forward
-    # (cos, sin) computed by the first layer that needs them, keyed by rotary, frequencies and device.
-    _rotations: dict = field(default_factory=dict, repr=False, compare=False)
+    _memo: _Memo = field(default_factory=_Memo, repr=False, compare=False)
 
-    def query_rotation(self, rope: Rope, limit_distance: int, device: torch.device, sinks: bool = False) -> CosSin:
+    def query_rotation(self, spec: LayerSpec, device: torch.device) -> CosSin:
         """(cos, sin) moving each query from its position to position D (the far keys' branch).
 
-        With `sinks` (StreamingLLM-style baseline) a query never moves past its own position: it
+        With `spec.sinks` (StreamingLLM-style baseline) a query never moves past its own position: it
         is placed at min(D, token index), so a cache that is not full yet keeps true distances."""
-        key = ("q", id(rope.rotary), rope.freq_attr, device, limit_distance, sinks)
-        if key not in self._rotations:
+        rope = spec.rope
+        assert rope is not None
+
+        def make() -> CosSin:
             q_pos = self.q_pos.to(device)
-            target = self.q_idx.to(device).clamp(max=limit_distance) if sinks else limit_distance
-            self._rotations[key] = rope.cos_sin(target - q_pos)
-        return self._rotations[key]
+            target = self.q_idx.to(device).clamp(max=spec.distance) if spec.sinks else spec.distance
+            return rope.cos_sin(target - q_pos)
 
-    def key_rotation(self, rope: Rope, start: int, stop: int, device: torch.device) -> CosSin:
+        return self._memo.get(("q", spec.rope_key, device, spec.distance, spec.sinks), make)
+
+    def key_rotation(self, spec: LayerSpec, start: int, stop: int, device: torch.device) -> CosSin:
         """(cos, sin) bringing key columns [start, stop) back to position 0."""
-        key = ("k", id(rope.rotary), rope.freq_attr, device, start, stop)
-        if key not in self._rotations:
-            self._rotations[key] = rope.cos_sin(-self.k_pos[:, start:stop].to(device))
-        return self._rotations[key]
-
-    def move_rotation(self, rope: Rope, device: torch.device) -> CosSin:
-        """(cos, sin) moving the cache's stored columns `cache_step.moved` by `cache_step.delta`."""
-        key = ("move", id(rope.rotary), rope.freq_attr, device)
-        if key not in self._rotations:
-            assert self.cache_step is not None
-            self._rotations[key] = rope.cos_sin(self.cache_step.delta.to(device))
-        return self._rotations[key]
+        rope = spec.rope
+        assert rope is not None
+        make = lambda: rope.cos_sin(-self.k_pos[:, start:stop].to(device))  # noqa: E731
+        return self._memo.get(("k", spec.rope_key, device, start, stop), make)
 
     def middle_at_zero(self, columns: int, n_global: int) -> int:
         """How many leading key columns hold only middle-eligible keys already at position 0 (or keys
         that are never middle keys: starting tokens, padding); up to `columns`. A LambdaCache that keeps
         the middle stores keys that left the window at position 0, so these need no rotation."""
-        key = ("z", columns, n_global)
-        if key not in self._rotations:
+
+        def make() -> int:
             away = ((self.k_pos[:, :columns] != 0) & (self.k_idx[:, :columns] >= n_global)).any(0).nonzero()
-            self._rotations[key] = int(away.min()) if away.numel() else columns
-        return self._rotations[key]
+            return int(away.min()) if away.numel() else columns
+
+        return self._memo.get(("z", columns, n_global), make)
 
 
 def candidate_columns(k_idx: torch.Tensor, n_global: int) -> int:
@@ -124,10 +225,8 @@ def middle_columns(q_idx: torch.Tensor, k_idx: torch.Tensor, n_global: int, n_lo
 
 
 def build_plan(
-    n_global: int,
-    n_local: int,
-    top_k: int,
-    layer_ropes: Mapping[int, Rope | None],
+    config: LambdaConfig,
+    layers: tuple[LayerSpec, ...],
     valid: torch.Tensor,
     layout: CacheLayout | None = None,
 ) -> ForwardPlan:
@@ -139,16 +238,17 @@ def build_plan(
         q_idx = k_idx = token_indices(valid)
         q_pos = k_pos = q_idx.clamp(min=0)
         step = None
-    beyond = q_idx.numel() > 0 and int(q_idx.max()) >= n_local  # some query has keys outside its window
-    n_cand = candidate_columns(k_idx, n_global) if beyond and n_global > 0 else 0
-    n_mid = middle_columns(q_idx, k_idx, n_global, n_local) if beyond and top_k > 0 else 0
+    G, L = config.n_global, config.n_local
+    beyond = q_idx.numel() > 0 and int(q_idx.max()) >= L  # some query has keys outside its window
+    n_cand = candidate_columns(k_idx, G) if beyond and G > 0 else 0
+    n_mid = middle_columns(q_idx, k_idx, G, L) if beyond and config.top_k > 0 else 0
     return ForwardPlan(
+        layers=layers,
         q_idx=q_idx,
         q_pos=q_pos,
         k_idx=k_idx,
         k_pos=k_pos,
         n_candidates=n_cand,
         n_middle=n_mid,
-        layer_ropes=layer_ropes,
         cache_step=step,
     )

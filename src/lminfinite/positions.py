@@ -102,12 +102,16 @@ class Alibi:
             slopes = slopes.to(distance.device)
         return -slopes * distance
 
-    def far_bias(self, q_idx: torch.Tensor, k_idx: torch.Tensor, head_shape: tuple[int, ...]) -> torch.Tensor:
-        """The bias of a key seen at distance `D` (global branch, top-k middle keys); with `sinks`,
-        the distance `min(D, i) - j` (q_idx, k_idx broadcast like the scores, head dims singleton)."""
+    def far_distance(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor | int:
+        """The distance at which a far key (starting token, top-k middle key) is seen: `D`; with `sinks`,
+        `min(D, i) - j` (q_idx, k_idx broadcast like the scores)."""
         if not self.sinks:
-            return self.bias(self.limit_distance, head_shape)
-        return self.bias(q_idx.clamp(max=self.limit_distance) - k_idx, head_shape)
+            return self.limit_distance
+        return q_idx.clamp(max=self.limit_distance) - k_idx
+
+    def to(self, device: torch.device | str) -> Alibi:
+        """The same ALiBi with its slopes on `device`."""
+        return replace(self, slopes=self.slopes.to(device))
 
 
 @dataclass

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..positions import Alibi
 from ..rule import global_rule
 from . import topk
+from .score_mod import ScoreMod
 from .topk import Middle
 
 NEG = torch.finfo(torch.float32).min  # finite: a padding query gets no NaN
@@ -32,7 +32,7 @@ class Far:
     keys, values: (batch, kv_heads, S, d) the S leading key columns that may hold starting tokens,
         keys at position 0; idx: (batch, S) their token indices (-1: padding). S may be 0.
     middle: the top-k extension's candidates (None: off, or no middle key in this forward).
-    alibi: ALiBi models: their biases, `-slope * D` (None: RoPE).
+    The logits of all of them come from the kernel's `ScoreMod.far` (ALiBi: the bias of distance D).
     """
 
     queries: torch.Tensor
@@ -40,7 +40,6 @@ class Far:
     values: torch.Tensor
     idx: torch.Tensor
     middle: Middle | None = None
-    alibi: Alibi | None = None
 
     def __post_init__(self) -> None:
         if self.keys.shape[:3] != self.values.shape[:3] or self.idx.shape != (self.keys.shape[0], self.keys.shape[2]):
@@ -59,12 +58,6 @@ class Far:
     def __bool__(self) -> bool:
         return self.n_candidates > 0 or self.middle is not None
 
-    def bias(self, q_idx: torch.Tensor, k_idx: torch.Tensor, head_shape: tuple[int, ...]) -> torch.Tensor | None:
-        """ALiBi bias of far keys `k_idx` for queries `q_idx` (None without ALiBi)."""
-        if self.alibi is None:
-            return None
-        return self.alibi.far_bias(q_idx, k_idx, head_shape).to(self.queries.device)
-
 
 def candidates(far: Far | None) -> int:
     """S of `far`, 0 when there are no far keys."""
@@ -78,28 +71,20 @@ def global_piece(
     q_idx_b: torch.Tensor,
     n_global: int,
     n_local: int,
-    scaling: float,
+    mod: ScoreMod,
     rep: int,
-    softcap: float | None = None,
 ) -> Piece:
     """The far keys (starting keys, top-k middle keys) of queries [s, e): (output, log-sum-exp) with
     -inf where none is seen. `rep`: query heads per kv head."""
     qg_b = far.queries[:, :, s:e]
     B, H, n, _ = qg_b.shape
     Hkv, S = far.keys.shape[1], far.n_candidates
-    scores = (qg_b.reshape(B, Hkv, rep * n, -1).float() @ far.keys.float().transpose(-1, -2)).view(B, H, n, S)
-    scores = scores * scaling
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    bias = far.bias(q_idx_b[:, None, :, None], far.idx[:, None, None, :], (1, H))
-    if bias is not None:
-        scores = scores + bias
+    dots = (qg_b.reshape(B, Hkv, rep * n, -1).float() @ far.keys.float().transpose(-1, -2)).view(B, H, n, S)
+    scores = mod.far(dots, q_idx_b[:, None, :, None], far.idx[:, None, None, :], (1, H))
     allowed = global_rule(q_idx_b[:, :, None], far.idx[:, None, :], n_global, n_local)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     if far.middle is not None:
-        top_scores, top_values = topk.select(
-            qg_b, far.middle, q_idx_b, n_global, n_local, scaling, rep, softcap, far.alibi
-        )
+        top_scores, top_values = topk.select(qg_b, far.middle, q_idx_b, n_global, n_local, mod, rep)
         scores = torch.cat([scores, top_scores], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.clamp(min=NEG)[..., None])
@@ -120,4 +105,4 @@ def merge(pieces: list[Piece]) -> torch.Tensor:
     return out.to(pieces[0][0].dtype)
 
 
-__all__ = ["NEG", "Far", "Middle", "Piece", "candidates", "global_piece", "merge"]
+__all__ = ["NEG", "Far", "Middle", "Piece", "ScoreMod", "candidates", "global_piece", "merge"]

@@ -14,9 +14,9 @@ import warnings
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from ..positions import Alibi
 from ..rule import local_rule
 from .common import Far, global_piece, merge
+from .score_mod import ScoreMod
 
 _compiled = None
 
@@ -41,27 +41,16 @@ def attention(
     *,
     n_global: int,
     n_local: int,
-    scaling: float,
-    softcap: float | None = None,
+    mod: ScoreMod,
     block_size: int | None = None,
-    alibi: Alibi | None = None,
 ) -> torch.Tensor:
     """The contract of `kernels/__init__.py`: the local branch in FlexAttention, the far keys beside it."""
     B, H, Tq, _ = q.shape
     Tk, rep = k.shape[2], H // k.shape[1]
-    slopes = None if alibi is None else alibi.slopes.to(device=q.device, dtype=torch.float32)
 
     def local_mask(b, h, i, j):
         return local_rule(q_idx[b, i], k_idx[b, j], n_local)
 
-    def score_mod(score, b, h, i, j):
-        if softcap is not None:
-            score = softcap * torch.tanh(score / softcap)
-        if slopes is not None:
-            score = score - slopes[h] * (q_idx[b, i] - k_idx[b, j])
-        return score
-
-    plain = softcap is None and slopes is None
     block_mask = create_block_mask(local_mask, B, None, Tq, Tk, device=q.device, _compile=q.device.type != "cpu")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -70,16 +59,16 @@ def attention(
             q,
             k,
             v,
-            score_mod=None if plain else score_mod,
+            score_mod=mod.elementwise(q_idx, k_idx),
             block_mask=block_mask,
-            scale=scaling,
+            scale=mod.scaling,
             enable_gqa=rep > 1,
             return_lse=True,
         )
     if far:  # the far keys in blocks of queries: top-k values are (queries, k, head_dim) per head
         step = block_size or 256
         blocks = [
-            global_piece(far, s, min(s + step, Tq), q_idx[:, s : s + step], n_global, n_local, scaling, rep, softcap)
+            global_piece(far, s, min(s + step, Tq), q_idx[:, s : s + step], n_global, n_local, mod, rep)
             for s in range(0, Tq, step)
         ]
         far_piece = (torch.cat([o for o, _ in blocks], 2), torch.cat([lse for _, lse in blocks], 2))

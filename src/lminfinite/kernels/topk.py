@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..rule import middle_rule
+from .score_mod import ScoreMod
 
 # Middle scores taken at once: 2**22 float32 scores are 16 MB, about 5x that with the selection's temporaries.
 _SCORES_PER_PASS = 2**22
@@ -37,7 +38,7 @@ class Middle:
     top_k: int
 
 
-def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=None, alibi=None):
+def select(qg, middle: Middle, q_idx, n_global: int, n_local: int, mod: ScoreMod, rep: int):
     """For queries `qg` (batch, heads, n, d) at distance D: the logits of their top-k middle keys
     (batch, heads, n, k), -inf where a query has fewer middle keys, and those keys' values
     (batch, heads, n, k, dv).
@@ -56,11 +57,9 @@ def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=N
     for s in range(0, n, step):
         e = min(s + step, n)
         with torch.no_grad():
-            scores = (qg[:, :, s:e].reshape(B, Hkv, rep * (e - s), -1).float() @ kt).view(B, H, e - s, M) * scaling
-            if softcap is not None:
-                scores = softcap * torch.tanh(scores / softcap)
-            if alibi is not None:
-                scores = scores + alibi.far_bias(q_idx[:, None, s:e, None], middle.idx[:, None, None, :], (1, H))
+            dots = (qg[:, :, s:e].reshape(B, Hkv, rep * (e - s), -1).float() @ kt).view(B, H, e - s, M)
+            scores = mod.far(dots, q_idx[:, None, s:e, None], middle.idx[:, None, None, :], (1, H))
+            del dots
             allowed = middle_rule(q_idx[:, s:e, None], middle.idx[:, None, :], n_global, n_local)
             best, where = _top_k(scores.masked_fill(~allowed[:, None], float("-inf")), k)
             del scores, allowed
@@ -68,24 +67,21 @@ def select(qg, middle: Middle, q_idx, n_global, n_local, scaling, rep, softcap=N
         cols = where.reshape(B, Hkv, rep * (e - s) * k, 1)
         chosen = torch.gather(middle.values, 2, cols.expand(-1, -1, -1, dv)).view(B, H, e - s, k, dv)
         if differentiable:
-            best = _rescore(qg[:, :, s:e], middle, cols, where, best, q_idx[:, s:e], scaling, softcap, alibi)
+            best = _rescore(qg[:, :, s:e], middle, cols, where, best, q_idx[:, s:e], mod)
         top_scores.append(best)
         top_values.append(chosen)
     return torch.cat(top_scores, 2), torch.cat(top_values, 2)
 
 
-def _rescore(qg_b, middle: Middle, cols, where, best, q_idx_b, scaling, softcap, alibi):
+def _rescore(qg_b, middle: Middle, cols, where, best, q_idx_b, mod: ScoreMod):
     """The logits `best` (B, H, m, k) of the chosen middle keys, computed again with autograd from the
     chosen keys only (`cols`: their columns per kv head, `where`: per head); -inf stays -inf."""
     B, H, m, k = best.shape
     d = middle.keys.shape[-1]
     keys = torch.gather(middle.keys, 2, cols.expand(-1, -1, -1, d)).view(B, H, m, k, d)
-    logits = (qg_b.float()[..., None, :] @ keys.float().transpose(-1, -2)).squeeze(-2) * scaling
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    if alibi is not None:
-        idx = torch.gather(middle.idx[:, None, None, :].expand(B, H, m, -1), -1, where)
-        logits = logits + alibi.far_bias(q_idx_b[:, None, :, None], idx, (1, H))
+    dots = (qg_b.float()[..., None, :] @ keys.float().transpose(-1, -2)).squeeze(-2)
+    idx = torch.gather(middle.idx[:, None, None, :].expand(B, H, m, -1), -1, where)
+    logits = mod.far(dots, q_idx_b[:, None, :, None], idx, (1, H))
     return torch.where(best == float("-inf"), best, logits)
 
 

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..positions import Alibi
 from ..rule import local_rule
 from .common import NEG, Far, candidates, global_piece, merge
+from .score_mod import ScoreMod
 
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -75,26 +75,22 @@ def attention(
     *,
     n_global: int,
     n_local: int,
-    scaling: float,
-    softcap: float | None = None,
+    mod: ScoreMod,
     block_size: int | None = None,
-    alibi: Alibi | None = None,
 ) -> torch.Tensor:
     """The contract of `kernels/__init__.py`, in blocks of queries (band path or masked path)."""
     Tq, rep = q.shape[2], q.shape[1] // k.shape[1]
-    plain = softcap is None and alibi is None
-    if plain and _is_plain_causal(q_idx, k_idx, n_local):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=rep > 1)
+    if mod.plain and _is_plain_causal(q_idx, k_idx, n_local):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=mod.scaling, enable_gqa=rep > 1)
     far = far if far else None
     # The fused CPU op gives no gradient through its log-sum-exp, which the merge needs: with autograd
     # recording, the masked path (differentiable throughout) is taken instead.
     fused = _FUSED is not None and q.device.type == "cpu" and not _records_grad(q, k, v, far)
-    if softcap is None and fused and n_local > 1 and q.dtype == v.dtype:
+    if mod.softcap is None and fused and n_local > 1 and q.dtype == v.dtype:
         c0 = _contiguous_from(k_idx, q_idx, n_local, candidates(far))
         if c0 is not None:
-            slopes = None if alibi is None else alibi.slopes.to(device=q.device, dtype=torch.float32)
-            return _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size, slopes)
-    return _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi, block_size)
+            return _band_path(q, k, v, q_idx, c0, far, n_global, n_local, mod, block_size)
+    return _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, mod, block_size)
 
 
 # ---------------------------------------------------------------------------------------------- band path
@@ -116,8 +112,11 @@ def _expand(x, rep):
     return x[:, :, None].expand(B, Hkv, rep, m, d).reshape(B, Hkv * rep, m, d)
 
 
-def _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size, slopes=None):
+def _band_path(q, k, v, q_idx, c0, far, n_global, n_local, mod: ScoreMod, block_size):
+    """The band path; `mod` has no softcap, and its ALiBi slopes become key-only biases (`_KeyBias`)."""
     B, H, Tq, _ = q.shape
+    scaling = mod.scaling
+    slopes = None if mod.alibi is None else mod.alibi.slopes.to(device=q.device, dtype=torch.float32)
     rep = H // k.shape[1]
     kt, vt = k[:, :, c0:], v[:, :, c0:]
     off = kt.shape[2] - Tq  # key column (in kt) of query t is t + off
@@ -127,7 +126,7 @@ def _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size, 
         e = min(s + bq, Tq)
         pieces = _local_pieces(q[:, :, s:e], kt, vt, s + off, e + off, n_local, scaling, rep, slopes)
         if far:
-            pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, scaling, rep))
+            pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, mod, rep))
         out[:, :, s:e] = merge(pieces)
     return out
 
@@ -135,7 +134,7 @@ def _band_path(q, k, v, q_idx, c0, far, n_global, n_local, scaling, block_size, 
 def _local_pieces(qb, kt, vt, a, b, n_local, scaling, rep, slopes=None):
     """The local branch of queries whose own keys are columns [a, b) of kt, as mask-free pieces.
 
-    ALiBi (`slopes`): query `a + t` and key `c` need `-slope * (a + t - c)`. Each piece gets the
+    ALiBi (`slopes`): query `a + t` and key `c` need `-slope * (a + t - c)` (`ScoreMod.local`). Each piece gets the
     key-only bias `slope * (c - a)` (a row of constants is all a softmax needs), and its log-sum-exp
     is then moved by the row's `-slope * t`, so the pieces still merge exactly."""
     B, H, n, _ = qb.shape
@@ -192,7 +191,7 @@ class _KeyBias:
 # -------------------------------------------------------------------------------------------- masked path
 
 
-def _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi, block_size):
+def _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, mod: ScoreMod, block_size):
     B, H, Tq, _ = q.shape
     Hkv, dv = k.shape[1], v.shape[-1]
     rep = H // Hkv
@@ -201,12 +200,12 @@ def _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap
 
     # (B, Hkv, rep, T, d) views: heads grouped by the kv head they read. Logits are taken in float32
     # (like the naive reference), so bf16/fp16 inputs are not rounded before the softmax.
-    q5 = (q.float() * scaling).view(B, Hkv, rep, Tq, -1)
+    q5 = q.float().view(B, Hkv, rep, Tq, -1)
     out = q.new_empty(B, H, Tq, dv)
     # With autograd recording (training), each block is recomputed in backward rather than keeping its
     # (queries x band) scores: what a layer keeps for backward is then O(n) in the inputs' size, not O(n L).
     record = _records_grad(q, k, v, far)
-    args = (q5, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi)
+    args = (q5, k, v, q_idx, k_idx, far, n_global, n_local, mod)
     for s in range(0, Tq, bq):
         e = min(s + bq, Tq)
         if record:
@@ -216,24 +215,21 @@ def _masked_path(q, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap
     return out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)
 
 
-def _masked_block(s, e, q5, k, v, q_idx, k_idx, far, n_global, n_local, scaling, softcap, alibi):
+def _masked_block(s, e, q5, k, v, q_idx, k_idx, far, n_global, n_local, mod: ScoreMod):
     """Queries [s, e) on the masked path: their band of keys under the Λ rule's mask, and the far keys."""
     B, Hkv, rep, Tq, _ = q5.shape
     H, dv, n = Hkv * rep, v.shape[-1], e - s
     offset = k.shape[2] - Tq  # key column of query t is t + offset
     lo, hi = max(0, s + offset - n_local + 1), e + offset
     qb = q5[:, :, :, s:e].reshape(B, Hkv, rep * n, -1)
-    scores = (qb @ k[:, :, lo:hi].float().transpose(-1, -2)).view(B, Hkv, rep, n, hi - lo)
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
+    dots = (qb @ k[:, :, lo:hi].float().transpose(-1, -2)).view(B, Hkv, rep, n, hi - lo)
     qi, ki = q_idx[:, s:e, None], k_idx[:, None, lo:hi]
-    if alibi is not None:
-        scores = scores + alibi.bias((qi - ki)[:, None, None], (1, Hkv, rep))
+    scores = mod.local(dots, qi[:, None, None], ki[:, None, None], (1, Hkv, rep))
     scores = scores.masked_fill(~local_rule(qi, ki, n_local)[:, None, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.clamp(min=NEG)[..., None]).to(v.dtype)
     ob = (probs.reshape(B, Hkv, rep * n, hi - lo) @ v[:, :, lo:hi]).view(B, H, n, dv)
     pieces = [(ob, lse.view(B, H, n))]
     if far:
-        pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, scaling, rep, softcap))
+        pieces.append(global_piece(far, s, e, q_idx[:, s:e], n_global, n_local, mod, rep))
     return merge(pieces)
