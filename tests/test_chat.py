@@ -197,7 +197,7 @@ def test_chat_keeps_or_sets_the_models_settings(fresh_stories):
     assert (chat.n_global, chat.n_local) == (10, 512)  # defaults: 10 and the pretraining length
     lminfinite.enable(model, n_global=2, n_local=100)
     assert (Chat(model, tokenizer).n_global, Chat(model, tokenizer).n_local) == (2, 100)
-    assert Chat(model, tokenizer, n_local=64).n_local == 64 and model._lminfinite.config.n_global == 2
+    assert Chat(model, tokenizer, n_local=64).n_local == 64 and lminfinite.config_of(model).n_global == 2
 
 
 class FakeBackend:

@@ -217,7 +217,7 @@ def test_topk_method_enables_top_k_and_equals_vanilla_inside_the_window(stories,
     ref = perplexity.position_nll(model, ids, "vanilla", 10, 512)
     torch.testing.assert_close(perplexity.position_nll(model, ids, "topk:3:2", 10, 512), ref, atol=1e-4, rtol=0)
     with applied(model, "topk:3:2", 10, 512):
-        cfg = model._lminfinite.config
+        cfg = lminfinite.config_of(model)
         assert (cfg.top_k, cfg.top_k_from_layer) == (3, 2)
     long = window[0, :1100]
     plain = perplexity.position_nll(model, long, "lminfinite", 10, 512)

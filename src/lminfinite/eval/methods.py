@@ -16,7 +16,7 @@ every caller then dispatches through them.
   i >= L (full cache); for L - G <= i < L StreamingLLM's cache is not full yet and it also sees
   the (fewer than G) tokens between the sinks and the window, which this leaves out.
 - `truncate`: each token sees only the latest L tokens, at fresh positions 0..L-1 (no cache:
-  the window is recomputed; see `perplexity.truncate_nll` for scoring).
+  the window is recomputed; see `truncate.truncate_nll` for scoring).
 - `topk[:K[:FROM]]`: `lminfinite` with the top-k extension: in layers >= FROM (default 0) each
   query also attends its K (default 5) best middle tokens; the cache keeps every token.
 
@@ -33,10 +33,12 @@ import torch
 from torch import nn
 
 from ..api import disable, enable
+from ..decoding import IncrementalDecoder, Sampler, Sampling
 from ..scoring import prefill
 from ..scoring import score as score_ids
-from ..streaming import Detokenizer, check_finite, pick_token, stream
+from ..streaming import check_finite, stream
 from .errors import BadValue
+from .truncate import truncate_nll
 
 METHODS = ("vanilla", "lminfinite", "truncate", "sinks", "topk")
 CACHED = ("lminfinite", "sinks", "topk")  # the methods that run on a LambdaCache
@@ -155,20 +157,23 @@ class Method:
 
     def _text(self, model, tokenizer, prompt, max_new_tokens, n_local, chunk_size, sampling, seed) -> Iterator[str]:
         ids = tokenizer.encode(prompt) if prompt else [tokenizer.bos_token_id]
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        settings = {k: sampling.get(k, d) for k, d in (("do_sample", False), ("temperature", 1.0))}
-        settings.update(top_k=sampling.get("top_k"), top_p=sampling.get("top_p"))
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            return pick_token(logits, generator=generator, **settings)
-
-        pieces = Detokenizer(tokenizer, ids)
+        settings = Sampling(
+            do_sample=sampling.get("do_sample", False),
+            temperature=sampling.get("temperature", 1.0),
+            top_k=sampling.get("top_k"),
+            top_p=sampling.get("top_p"),
+        )
+        pick = Sampler(settings, torch.Generator().manual_seed(seed) if seed is not None else None)
+        pieces = IncrementalDecoder(tokenizer, ids)
         for token in self.tokens(model, ids, max_new_tokens, n_local, chunk_size, pick):
             if token == tokenizer.eos_token_id:
-                return
-            piece = pieces.piece(token)
+                break
+            piece = pieces.add(token)
             if piece:
                 yield piece
+        rest = pieces.flush()
+        if rest:
+            yield rest
 
 
 class Vanilla(Method):
@@ -230,8 +235,6 @@ class Truncate(Method):
         return None
 
     def score(self, model: nn.Module, ids: torch.Tensor, n_local: int, chunk_size: int = 4096) -> torch.Tensor:
-        from .perplexity import truncate_nll
-
         return truncate_nll(model, ids, n_local)
 
     def tokens(

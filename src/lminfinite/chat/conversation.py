@@ -1,7 +1,8 @@
-"""Chat with a model for as long as you like: one LambdaCache holds the whole conversation.
+"""`Chat`: a conversation with a model for as long as you like, in one LambdaCache.
 
-A tool built on the public API (`enable`, `LambdaCache`, `prefill`, the model's forward); the
-library core never imports it.
+A tool built on the public API (`enable`, `config_of`, `LambdaCache`, `prefill`, the model's forward) and
+the library's decoding (`lminfinite.decoding`: the sampler, the incremental detokenizer, the end-of-turn
+tokens); the library core never imports it.
 
 ```python
 from lminfinite.chat import Chat
@@ -33,41 +34,24 @@ closes the cut answer as the template does. A Ctrl-C that arrives during a model
 until that forward has finished (in the main thread), so the cache is never left half-updated;
 during the prefill of a message it takes effect once the message is in. Any other error inside a
 forward leaves the cache unusable: the next `send()` says so, and `reset()` starts over.
-
-`repl(backend)` is the terminal loop; it talks to any object with `send(text) -> Iterator[str]`,
-`reset()` and `stats() -> dict` (a `Chat`, or a client of a remote server).
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol, TextIO
 
 import torch
 from torch import nn
 
-from .api import enable, is_enabled
-from .cache import LambdaCache
-from .scoring import prefill
-from .streaming import check_finite, check_sampling, pick_token
-
-# End-of-turn tokens of common chat templates, besides the tokenizer's and generation config's EOS.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-
-
-class ChatBackend(Protocol):
-    """What the terminal loop needs: a local `Chat` or a client of a chat server."""
-
-    def send(self, text: str) -> Iterator[str]: ...
-
-    def reset(self) -> None: ...
-
-    def stats(self) -> dict: ...
+from ..api import config_of, enable
+from ..cache import LambdaCache
+from ..decoding import END_OF_TURN, IncrementalDecoder, Sampler, Sampling, stop_token_ids
+from ..scoring import prefill
+from ..streaming import check_finite
 
 
 class ChatError(RuntimeError):
@@ -140,24 +124,24 @@ class Chat:
             raise ValueError(f"max_new_tokens must be None or an int >= 1, got {max_new_tokens!r}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        if do_sample:
-            check_sampling(temperature, top_k, top_p)
+        sampling = Sampling(do_sample, temperature, top_k, top_p) if do_sample else Sampling()  # ValueError if bad
         self.model, self.tokenizer = model, tokenizer
         self.templated = bool(getattr(tokenizer, "chat_template", None))
         if system is not None and not self.templated:
             raise ValueError("a system message needs a chat template; this tokenizer has none")
-        if n_global is not None or n_local is not None or not is_enabled(model):
-            current = model._lminfinite.config if is_enabled(model) else None
+        current = config_of(model)
+        if n_global is not None or n_local is not None or current is None:
             enable(
                 model,
                 n_global=n_global if n_global is not None else (current.n_global if current else 10),
                 n_local=n_local if n_local is not None else (current.n_local if current else None),
             )
-        config = model._lminfinite.config
+        config = config_of(model)
+        assert config is not None  # enabled just above
         self.n_global, self.n_local = config.n_global, config.n_local
         self.system, self.max_new_tokens, self.chunk_size = system, max_new_tokens, chunk_size
-        self.sampling = (do_sample, temperature, top_k, top_p)
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.sampling = sampling
+        self.sampler = Sampler(sampling, torch.Generator().manual_seed(seed) if seed is not None else None)
         self.device = next(model.parameters()).device
         self.stop_ids = self._stop_ids()
         self.record = record
@@ -252,21 +236,12 @@ class Chat:
         return self.tokenizer.encode(new, add_special_tokens=False)
 
     def _stop_ids(self) -> set[int]:
-        """EOS of the tokenizer and of the generation config, and the usual end-of-turn tokens."""
-        ids: set[int] = set()
-        eos = (
-            getattr(self.tokenizer, "eos_token_id", None),
-            getattr(self.model.generation_config, "eos_token_id", None),
-        )
-        for value in eos:
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(v for v in value if isinstance(v, int))
+        """The library's end-of-turn ids (`decoding.stop_token_ids`) and the token the template closes an
+        assistant message with."""
+        ids = stop_token_ids(self.model, self.tokenizer)
         self.end_text = ""  # the token the template closes an assistant message with (ChatML: <|im_end|>)
         if self.templated:
             vocab = self.tokenizer.get_vocab()
-            ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
             probe = self._render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], False)
             tail = probe[probe.rindex("y") + 1 :]
             self.end_text = next((t for t in END_OF_TURN if tail.startswith(t)), "")
@@ -296,9 +271,8 @@ class Chat:
 
     def _answer(self, text: str, ids: list[int]) -> Iterator[str]:
         start = time.perf_counter()
-        do_sample, temperature, top_k, top_p = self.sampling
         answer: list[int] = []
-        prefix_at = read_at = 0  # incremental detokenizing: text of answer[prefix_at:read_at] was shown
+        text_of = IncrementalDecoder(self.tokenizer, [])  # the answer's text on its own
         first_token = None
         stop: int | None = None
         started = False
@@ -318,25 +292,20 @@ class Chat:
                 started = True
             while True:
                 check_finite(logits, self.tokens_seen - 1)
-                token = int(pick_token(logits, do_sample, temperature, top_k, top_p, self.generator))
+                token = int(self.sampler(logits))
                 first_token = first_token or time.perf_counter()
                 self._unfed = token  # fed by the next step, or with the next message
                 if token in self.stop_ids:
                     stop = token
                     break
                 answer.append(token)
-                before = self.tokenizer.decode(answer[prefix_at:read_at], skip_special_tokens=True)
-                now = self.tokenizer.decode(answer[prefix_at:], skip_special_tokens=True)
-                # Hold back an incomplete UTF-8 character (decoded as U+FFFD) until its last byte comes.
-                if len(now) > len(before) and not now.endswith("\ufffd"):
-                    prefix_at, read_at = read_at, len(answer)
-                    yield now[len(before) :]
+                piece = text_of.add(token)  # an incomplete UTF-8 character waits for its last byte
+                if piece:
+                    yield piece
                 if self.max_new_tokens is not None and len(answer) >= self.max_new_tokens:
                     break
                 logits = self._forward([token])
-            rest = self.tokenizer.decode(answer[prefix_at:], skip_special_tokens=True)[
-                len(self.tokenizer.decode(answer[prefix_at:read_at], skip_special_tokens=True)) :
-            ]
+            rest = text_of.flush()
             if rest:
                 yield rest
         finally:
@@ -369,105 +338,3 @@ class Chat:
         active, self._active = self._active, None
         if active is not None:
             active.close()
-
-
-# ---------------------------------------------------------------------------------------------- terminal
-
-HELP = "commands: /reset (forget the conversation), /stats (tokens seen, cache size), /exit; Ctrl-C stops an answer"
-
-
-def format_stats(stats: dict) -> str:
-    """One line for /stats."""
-    parts = [f"turns {stats.get('turns', '?')}", f"tokens seen {stats.get('tokens_seen', '?')}"]
-    if "cache_columns" in stats:
-        parts.append(f"cache {stats['cache_columns']} columns")
-    if "cache_bytes" in stats:
-        parts.append(f"{stats['cache_bytes'] / 2**20:.1f} MiB")
-    if "n_global" in stats and "n_local" in stats:
-        parts.append(f"G={stats['n_global']} L={stats['n_local']}")
-    if stats.get("last_tokens_per_s"):
-        parts.append(f"last answer {stats['last_tokens_per_s']} tok/s")
-    return ", ".join(parts)
-
-
-def repl(
-    backend: ChatBackend,
-    stdin: TextIO | None = None,
-    stdout: TextIO | None = None,
-    stderr: TextIO | None = None,
-    banner: str | None = None,
-) -> int:
-    """The terminal chat: one line per user message; `/reset`, `/stats`, `/exit` (or `/quit`), `/help`.
-
-    Ctrl-C stops the current answer (the conversation is kept); Ctrl-C at an empty prompt twice in a
-    row, Ctrl-D or the end of a piped input exits. With a TTY the prompt is shown; with piped input
-    each answer is printed on its own line, so a scripted conversation can be fed one line per turn.
-    Returns the exit code (0)."""
-    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    tty = stdin.isatty() and stdout.isatty()
-    if tty:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
-    if banner:
-        print(banner, file=stderr)
-    interrupts = 0
-    while True:
-        try:
-            line = input("you> ") if tty and stdin is sys.stdin else stdin.readline()
-            if not tty and not line:
-                break
-        except EOFError:
-            break
-        except KeyboardInterrupt:
-            interrupts += 1
-            if interrupts >= 2:
-                break
-            print("\n(Ctrl-C again, Ctrl-D or /exit to quit)", file=stderr)
-            continue
-        interrupts = 0
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/help":
-            print(HELP, file=stderr)
-            continue
-        if text == "/reset":
-            backend.reset()
-            print("(conversation reset)", file=stderr)
-            continue
-        if text == "/stats":
-            print(format_stats(backend.stats()), file=stdout, flush=True)
-            continue
-        if text.startswith("/") and " " not in text:
-            print(f"unknown command {text}; {HELP}", file=stderr)
-            continue
-        _stream_answer(backend, text, stdout, stderr, tty)
-    if tty:
-        print(file=stdout)
-    return 0
-
-
-def _stream_answer(backend: ChatBackend, text: str, stdout: TextIO, stderr: TextIO, tty: bool) -> None:
-    if tty:
-        print("bot> ", end="", file=stdout, flush=True)
-    pieces = None
-    try:
-        pieces = backend.send(text)
-        for piece in pieces:
-            print(piece, end="", file=stdout, flush=True)
-        print(file=stdout, flush=True)
-    except KeyboardInterrupt:
-        print(" [stopped]", file=stdout, flush=True)
-    finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            while True:
-                try:
-                    close()  # runs the backend's clean-up now (a local Chat feeds its last token)
-                    break
-                except KeyboardInterrupt:
-                    continue
