@@ -1,0 +1,432 @@
+"""Block memory: the middle of a stream kept as blocks, and the few blocks each query chunk attends.
+
+InfLLM's idea (Xiao et al., arXiv 2402.04617) on LM-Infinite's rule. Middle tokens (neither
+starting tokens nor in the window) are kept per layer in fixed-size blocks (`BlockStore`), each
+summarised by a few representative keys. Per chunk of queries (prefill) or per token (decode),
+`choose` scores the representatives only (never every stored key) and picks the best blocks; every
+key of a chosen block is then seen at the capped distance `D`, like a starting token
+(`rule.memory_rule`, `kernels/memory.py`). What a forward reads stays bounded: starting tokens,
+window, chosen blocks. The store grows with the input, at a few hundred bytes per token and layer
+(float16 or int8 storage as options), or stays bounded with a cap that evicts the least-used blocks.
+
+This module owns the frozen settings (`BlockMemory`), one layer's store (`BlockStore`) and the choice
+(`choose`); the cache layer owns a store, the attention function fills it and calls `choose`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.memory import Memory
+from .rule import middle_blocks, query_chunk
+
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+
+
+def _int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"BlockMemory {name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"BlockMemory {name} must be >= {low}, got {value}")
+
+
+@dataclass(frozen=True)
+class BlockMemory:
+    """Settings of block memory (`lminfinite.enable(model, memory=BlockMemory(...))`).
+
+    block_size: tokens per block (InfLLM: 128).
+    representatives: representative keys per block (InfLLM: 4): the means of `representatives`
+        equal parts of the block; a block scores the best of its representatives' logits.
+    blocks: blocks each query chunk (or decoded token) attends (InfLLM: 16).
+    layers: the layers that use memory (None: every layer). The others run plain Λ-attention.
+    dtype: how stored keys and values are kept: "float32", "float16" or "int8" (one float32 scale per
+        token and head); representatives are float32.
+    max_blocks: the most blocks a layer keeps per sequence (None: no cap, the store grows with the
+        input). When a new block would pass the cap, the block chosen the fewest times is evicted (the
+        oldest among equals); an evicted block is never chosen again.
+    shared: one choice for all heads of a layer (True), or one per kv head (False).
+    chunk: queries that choose together in a prefill, aligned on token indices (None: `block_size`).
+        A decoded token chooses alone.
+
+    The defaults attend 16 x 128 = 2048 memory tokens per query on top of the window.
+    """
+
+    block_size: int = 128
+    representatives: int = 4
+    blocks: int = 16
+    layers: tuple[int, ...] | None = None
+    dtype: str = "float32"
+    max_blocks: int | None = None
+    shared: bool = True
+    chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        _int("block_size", self.block_size, 1)
+        _int("representatives", self.representatives, 1)
+        _int("blocks", self.blocks, 1)
+        if self.block_size % self.representatives:
+            raise ValueError(
+                f"BlockMemory representatives={self.representatives} must divide block_size={self.block_size} "
+                "(each representative summarises an equal part of the block)"
+            )
+        if self.chunk is not None:
+            _int("chunk", self.chunk, 1)
+        if self.max_blocks is not None:
+            _int("max_blocks", self.max_blocks, 1)
+            if self.max_blocks < self.blocks:
+                raise ValueError(
+                    f"BlockMemory max_blocks={self.max_blocks} < blocks={self.blocks}: a query could never get "
+                    "the blocks it asks for"
+                )
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"BlockMemory dtype must be one of {list(STORE_DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.shared, bool):
+            raise TypeError(f"BlockMemory shared must be a bool, got {type(self.shared).__name__}")
+        if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Iterable):
+                raise TypeError(f"BlockMemory layers must be layer numbers (e.g. range(4, 30)), got {self.layers!r}")
+            layers = tuple(self.layers)
+            for layer in layers:
+                _int("layers entry", layer, 0)
+            if not layers:
+                raise ValueError("BlockMemory layers is empty: no layer would use memory (pass None for every layer)")
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+
+    @property
+    def query_chunk(self) -> int:
+        """Queries that choose their blocks together in a prefill."""
+        return self.block_size if self.chunk is None else self.chunk
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        return STORE_DTYPES[self.dtype]
+
+    def applies_to(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` uses memory."""
+        return self.layers is None or layer_idx in self.layers
+
+    def check_window(self, n_local: int) -> None:
+        """ValueError when a block is longer than the window: a block enters the store once its first token
+        leaves the window, and all of its tokens must exist by then."""
+        if self.block_size > n_local:
+            raise ValueError(
+                f"BlockMemory block_size={self.block_size} > n_local={n_local}: a block's first token would leave "
+                "the window before its last token exists; use a block no longer than the window"
+            )
+
+    def check_layers(self, num_layers: int) -> None:
+        """ValueError when `layers` names a layer the model does not have."""
+        if self.layers is not None and self.layers[-1] >= num_layers:
+            raise ValueError(
+                f"BlockMemory layers include {self.layers[-1]} but the model has {num_layers} layers (numbered from 0)"
+            )
+
+    def bytes_per_token(self, kv_heads: int, head_dim: int, head_dim_v: int | None = None) -> float:
+        """Bytes one stored token costs in one layer: keys, values (and int8 scales), and its share of the
+        block's representatives."""
+        dv = head_dim if head_dim_v is None else head_dim_v
+        width = self.store_dtype.itemsize
+        scales = 2 * 4 if self.dtype == "int8" else 0
+        summary = self.representatives * head_dim * 4 / self.block_size
+        return kv_heads * ((head_dim + dv) * width + scales + summary)
+
+
+# ------------------------------------------------------------------------------------------------ the store
+
+
+def _quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`x` in the storage dtype: int8 with a float32 scale per vector (absmax / 127), else a cast."""
+    if dtype != torch.int8:
+        return x.to(dtype), None
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    return (x / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def summarise(keys: torch.Tensor, representatives: int) -> torch.Tensor:
+    """Representative keys of blocks `keys` (..., block_size, d): the means of `representatives` equal
+    consecutive parts, (..., representatives, d) in float32."""
+    *lead, bs, d = keys.shape
+    return keys.float().reshape(*lead, representatives, bs // representatives, d).mean(-2)
+
+
+class BlockStore:
+    """One layer's blocks, for each row of a batch.
+
+    Slots hold blocks; `first` (batch, slots) is the token index of a slot's first token (-1: empty).
+    keys (batch, kv_heads, slots, block_size, d) are at position 0 (RoPE), values beside them, both in
+    the storage dtype (int8: with float32 scales); `summary` (batch, kv_heads, slots, representatives, d)
+    holds the representatives; `uses` counts how often each slot was chosen; `formed` (batch,) how many
+    blocks each row has put in the store (blocks are formed in order: block b holds the middle tokens
+    `G + b * bs ..`); `evicted` how many the cap removed.
+    """
+
+    def __init__(self, memory: BlockMemory, n_global: int):
+        self.memory, self.n_global = memory, n_global
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.key_scale: torch.Tensor | None = None
+        self.value_scale: torch.Tensor | None = None
+        self.summary: torch.Tensor | None = None
+        self.first: torch.Tensor | None = None
+        self.uses: torch.Tensor | None = None
+        self.formed: torch.Tensor | None = None
+        self.evicted: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------- reading
+
+    @property
+    def slots(self) -> int:
+        return 0 if self.first is None else self.first.shape[1]
+
+    def blocks_held(self) -> torch.Tensor | None:
+        """(batch,) blocks each row holds now (None before the first block)."""
+        return None if self.first is None else (self.first >= 0).sum(1)
+
+    def nbytes(self) -> int:
+        """Bytes held by the store (keys, values, scales, representatives, bookkeeping)."""
+        tensors = (self.keys, self.values, self.key_scale, self.value_scale, self.summary, self.first, self.uses)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def tokens_held(self) -> int:
+        """Tokens held in filled slots, over all rows."""
+        return 0 if self.first is None else int((self.first >= 0).sum()) * self.memory.block_size
+
+    def memory_of(self, chosen: torch.Tensor, chunk: torch.Tensor) -> Memory:
+        """What a kernel reads: these blocks, with the choice `chosen` (batch, Hc, C, K) of query chunks `chunk`."""
+        assert self.keys is not None and self.values is not None and self.first is not None
+        return Memory(self.keys, self.values, self.first, chosen, chunk, self.key_scale, self.value_scale)
+
+    # ------------------------------------------------------------------------------------------- writing
+
+    def pending(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(batch,) blocks each row has formed (0 for a new store)."""
+        if self.formed is None:
+            self.formed = torch.zeros(batch, dtype=torch.long, device=device)
+            self.evicted = torch.zeros(batch, dtype=torch.long, device=device)
+        elif self.formed.shape[0] != batch:
+            raise ValueError(f"this block store holds a batch of {self.formed.shape[0]} rows, the input has {batch}")
+        return self.formed
+
+    def due(self, q_idx: torch.Tensor, n_local: int) -> torch.Tensor:
+        """(batch,) blocks each row must hold after a forward of queries `q_idx` (batch, q_len): those that have
+        reached the middle of the row's next query (so the cache may drop every key that left the window).
+        With `block_size <= n_local` all their tokens are among the forward's keys."""
+        last = q_idx.amax(1) if q_idx.shape[1] else torch.full_like(q_idx[:, 0], -1)
+        next_query = torch.where(last >= 0, last + 1, -1)
+        return middle_blocks(next_query, self.n_global, n_local, self.memory.block_size)
+
+    def new_columns(self, k_idx: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
+        """Key columns (batch, n * block_size) holding the tokens of the blocks each row forms now (blocks
+        `formed .. upto - 1`; -1 beyond a row's blocks), read from the token indices `k_idx` (batch, k_len)
+        of a forward's key columns. ValueError when a token of such a block is not among the columns."""
+        B = k_idx.shape[0]
+        formed = self.pending(B, k_idx.device).to(k_idx.device)
+        upto = upto.to(k_idx.device)
+        count = (upto - formed).clamp(min=0)
+        bs = self.memory.block_size
+        n = int(count.max()) if B else 0
+        if n == 0:
+            return torch.empty(B, 0, dtype=torch.long, device=k_idx.device)
+        want = self.n_global + formed[:, None] * bs + torch.arange(n * bs, device=k_idx.device)  # token indices
+        # Columns hold increasing token indices per row (padding -1 first), so a search finds each token.
+        sorted_idx = torch.where(k_idx >= 0, k_idx, -1)
+        col = torch.searchsorted(sorted_idx.contiguous(), want.contiguous()).clamp(max=k_idx.shape[1] - 1)
+        found = torch.gather(sorted_idx, 1, col) == want
+        needed = torch.arange(n * bs, device=k_idx.device) < (count * bs)[:, None]
+        if bool((needed & ~found).any()):
+            raise ValueError(
+                "block memory: the tokens of a block that left the window are not among the key columns "
+                "(the cache dropped them before their block was stored)"
+            )
+        return torch.where(needed, col, -1)
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, upto: torch.Tensor) -> None:
+        """Store the blocks each row forms now (`formed .. upto - 1`): `keys` (batch, kv_heads, n * bs, d) at
+        position 0 and `values` (batch, kv_heads, n * bs, dv), taken at `new_columns(k_idx, upto)` (what lies
+        beyond a row's blocks is ignored)."""
+        B, Hkv, width, d = keys.shape
+        bs = self.memory.block_size
+        formed = self.pending(B, keys.device)
+        upto = upto.to(formed.device)
+        count = (upto - formed).clamp(min=0)
+        n = width // bs
+        if n == 0 or int(count.max()) == 0:
+            return
+        if width != n * bs or n < int(count.max()):
+            raise ValueError(f"block memory: {width} key columns do not hold {int(count.max())} blocks of {bs}")
+        dv = values.shape[-1]
+        kb = keys.reshape(B, Hkv, n, bs, d)
+        vb = values.reshape(B, Hkv, n, bs, dv)
+        summary = summarise(kb, self.memory.representatives)
+        kq, ks = _quantize(kb, self.memory.store_dtype)
+        vq, vs = _quantize(vb, self.memory.store_dtype)
+        if self.first is None:
+            self._allocate(B, Hkv, d, dv, kq, vq, ks is not None, keys.device)
+        for r in range(B):
+            for j in range(int(count[r])):
+                slot = self._free_slot(r)
+                self._write(r, slot, kq[r, :, j], vq[r, :, j], ks, vs, summary[r, :, j], j)
+                assert self.first is not None
+                self.first[r, slot] = self.n_global + (int(formed[r]) + j) * bs
+        self.formed = formed + count
+
+    def _allocate(self, B, Hkv, d, dv, kq, vq, scaled: bool, device) -> None:
+        self.keys = kq.new_empty(B, Hkv, 0, self.memory.block_size, d)
+        self.values = vq.new_empty(B, Hkv, 0, self.memory.block_size, dv)
+        if scaled:
+            self.key_scale = torch.empty(B, Hkv, 0, self.memory.block_size, 1, device=device)
+            self.value_scale = torch.empty(B, Hkv, 0, self.memory.block_size, 1, device=device)
+        self.summary = torch.empty(B, Hkv, 0, self.memory.representatives, d, device=device)
+        self.first = torch.empty(B, 0, dtype=torch.long, device=device)
+        self.uses = torch.empty(B, 0, dtype=torch.long, device=device)
+
+    def _grow(self) -> None:
+        """Double the slots (up to the cap), every row: new slots are empty."""
+        assert self.first is not None
+        cap = self.memory.max_blocks
+        old = self.slots
+        new = max(4, 2 * old) if cap is None else min(cap, max(4, 2 * old))
+        extra = new - old
+
+        def pad(t: torch.Tensor | None, dim: int, fill=0) -> torch.Tensor | None:
+            if t is None:
+                return None
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_full(shape, fill)], dim)
+
+        self.keys, self.values = pad(self.keys, 2), pad(self.values, 2)
+        self.key_scale, self.value_scale = pad(self.key_scale, 2), pad(self.value_scale, 2)
+        self.summary = pad(self.summary, 2)
+        self.first, self.uses = pad(self.first, 1, -1), pad(self.uses, 1)
+
+    def _free_slot(self, row: int) -> int:
+        """A slot of `row` for a new block: an empty one, else more slots, else (at the cap) the slot of the
+        least-chosen block, the oldest among equals, which is evicted."""
+        assert self.first is not None and self.uses is not None and self.evicted is not None
+        empty = (self.first[row] < 0).nonzero()
+        if empty.numel():
+            return int(empty[0])
+        if self.memory.max_blocks is None or self.slots < self.memory.max_blocks:
+            self._grow()
+            return self._free_slot(row)
+        # Least uses first, then the oldest (smallest first token): one key orders both.
+        order = self.uses[row] * (self.first[row].max() + 1) + self.first[row]
+        slot = int(order.argmin())
+        self.evicted[row] += 1
+        return slot
+
+    def _write(self, r, slot, k, v, ks, vs, summary, j) -> None:
+        assert self.keys is not None and self.values is not None and self.summary is not None
+        assert self.uses is not None
+        self.keys[r, :, slot] = k
+        self.values[r, :, slot] = v
+        if ks is not None and self.key_scale is not None and self.value_scale is not None:
+            self.key_scale[r, :, slot] = ks[r, :, j]
+            self.value_scale[r, :, slot] = vs[r, :, j]
+        self.summary[r, :, slot] = summary
+        self.uses[r, slot] = 0
+
+    def record_uses(self, chosen: torch.Tensor) -> None:
+        """Count a choice `chosen` (batch, Hc, C, K) of slots (-1: none): each slot once per chunk that chose it."""
+        if self.uses is None:
+            return
+        B, N = self.uses.shape
+        hit = torch.zeros(B, chosen.shape[2], N + 1, dtype=torch.bool, device=self.uses.device)
+        slots = torch.where(chosen >= 0, chosen, N).to(self.uses.device)
+        for h in range(chosen.shape[1]):
+            hit.scatter_(-1, slots[:, h], True)
+        self.uses += hit[..., :N].sum(1)
+
+    # ------------------------------------------------------------------------------------ batch bookkeeping
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep (and reorder, repeat) rows `index` (beam search, batch selection)."""
+        for name in ("keys", "values", "key_scale", "value_scale", "summary", "first", "uses", "formed", "evicted"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+
+    def reset(self) -> None:
+        self.__init__(self.memory, self.n_global)  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------- the choice
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The blocks each query chunk of one forward attends, for one layer.
+
+    chosen: (batch, Hc, C, K) slots of the layer's store, -1: none (Hc: 1 shared, or kv_heads).
+    chunk: (batch, q_len) each query's chunk 0 .. C-1 in this forward, -1: padding.
+    """
+
+    chosen: torch.Tensor
+    chunk: torch.Tensor
+
+
+def chunks_of(q_idx: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+    """Each query's chunk numbered from 0 in this forward (batch, q_len; -1 padding), and the number of chunks.
+    Chunks are aligned on token indices (`rule.query_chunk`); a row's first chunk in the forward is 0."""
+    absolute = query_chunk(q_idx, chunk)
+    big = torch.iinfo(torch.long).max
+    lowest = torch.where(absolute >= 0, absolute, big).amin(1, keepdim=True)
+    local = torch.where(absolute >= 0, absolute - lowest, -1)
+    return local, int(local.max()) + 1 if local.numel() and int(local.max()) >= 0 else 0
+
+
+def choose(store: BlockStore, queries: torch.Tensor, q_idx: torch.Tensor, n_local: int, record: bool = True) -> Choice:
+    """The blocks each query chunk attends: for queries `queries` (batch, heads, q_len, d) moved to distance
+    D and their token indices `q_idx` (batch, q_len), the `blocks` best stored blocks among those that have
+    reached the middle of the chunk's last query (`rule.middle_blocks`), by their representatives' logits.
+
+    A chunk is scored with the mean of its queries (InfLLM); a block's score is the best of its
+    representatives' dot products with it, summed over the heads that share the choice (every head, or the
+    heads of one kv head). Fewer candidates than `blocks`: all of them. Ties go to the earlier slot.
+    `record`: count the choice in the store's use counts (eviction)."""
+    memory = store.memory
+    B, H, T, d = queries.shape
+    chunk, C = chunks_of(q_idx, memory.query_chunk)
+    K = memory.blocks
+    if C == 0 or store.summary is None or store.first is None:  # nothing stored: no chunk chooses a block
+        return Choice(torch.full((B, 1, C, K), -1, dtype=torch.long, device=q_idx.device), chunk)
+    device = store.summary.device
+    Hkv, N = store.summary.shape[1], store.slots
+    rep = H // Hkv
+    Hc = 1 if memory.shared else Hkv
+    c_idx = torch.where(chunk >= 0, chunk, C).to(device)  # padding goes to a spare chunk
+    # Mean query of each chunk, per head, and the chunk's last query (which blocks it may choose).
+    sums = torch.zeros(B, H, C + 1, d, device=device)
+    sums.scatter_add_(2, c_idx[:, None, :, None].expand(B, H, T, d), queries.float().to(device))
+    counts = torch.zeros(B, C + 1, device=device).scatter_add_(1, c_idx, torch.ones(B, T, device=device))
+    mean_q = (sums / counts.clamp(min=1)[:, None, :, None])[:, :, :C]
+    last = torch.full((B, C + 1), -1, dtype=torch.long, device=device)
+    last.scatter_reduce_(1, c_idx, q_idx.to(device), reduce="amax")
+    allowed_blocks = middle_blocks(last[:, :C], store.n_global, n_local, memory.block_size)  # (B, C)
+    # Logits of the representatives: (B, Hkv, rep * C, N * R) -> best representative -> sum over the heads.
+    R = memory.representatives
+    reps = store.summary.reshape(B, Hkv, N * R, d)
+    dots = (mean_q.reshape(B, Hkv, rep * C, d) @ reps.transpose(-1, -2)).view(B, Hkv, rep, C, N, R)
+    scores = dots.amax(-1).sum(2)  # (B, Hkv, C, N)
+    if memory.shared:
+        scores = scores.sum(1, keepdim=True)
+    number = torch.where(store.first >= 0, (store.first - store.n_global) // memory.block_size, -1)
+    ok = (store.first >= 0)[:, None, :] & (number[:, None, :] < allowed_blocks[:, :, None])  # (B, C, N)
+    scores = scores.masked_fill(~ok[:, None], float("-inf"))
+    k = min(K, N)
+    best, where = scores.sort(dim=-1, descending=True, stable=True)  # stable: ties go to the earlier slot
+    best, where = best[..., :k], where[..., :k]
+    chosen = torch.where(best > float("-inf"), where, -1)
+    if k < K:
+        chosen = torch.cat([chosen, chosen.new_full((B, Hc, C, K - k), -1)], -1)
+    if record:
+        store.record_uses(chosen)
+    return Choice(chosen, chunk)
+
+
+__all__ = ["BlockMemory", "BlockStore", "Choice", "choose", "chunks_of", "summarise"]

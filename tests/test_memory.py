@@ -1,0 +1,461 @@
+"""Block memory: its settings, the per-layer store, the choice of blocks and the kernel piece.
+
+The kernel piece is checked against the dense reference (`kernels.memory.dense_scores`) and both against
+a brute force written here from the rule's words: a query attends a middle key at distance D when the
+key's block was chosen for the query's chunk. With every block chosen, memory is the top-k rule with k =
+all middle keys. The store is checked against a plain-Python model of its slots (eviction of the
+least-chosen block, the oldest among equals), the choice against a brute-force ranking of the
+representatives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lminfinite.kernels import memory as kmem
+from lminfinite.kernels.score_mod import ScoreMod
+from lminfinite.memory import BlockMemory, BlockStore, choose, chunks_of, summarise
+from lminfinite.positions import Alibi
+from lminfinite.rule import block_of, memory_rule, middle_blocks, middle_rule, query_chunk
+
+SETTINGS = dict(deadline=None, derandomize=True, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def test_defaults():
+    m = BlockMemory()
+    assert (m.block_size, m.representatives, m.blocks, m.layers, m.dtype, m.max_blocks, m.shared) == (
+        128,
+        4,
+        16,
+        None,
+        "float32",
+        None,
+        True,
+    )
+    assert m.query_chunk == 128 and m.applies_to(0) and m.applies_to(10**6)
+    assert BlockMemory(chunk=64).query_chunk == 64
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(block_size=0), ValueError, "block_size must be >= 1"),
+        (dict(block_size=2.5), TypeError, "block_size must be an int"),
+        (dict(block_size=True), TypeError, "block_size must be an int"),
+        (dict(representatives=0), ValueError, "representatives must be >= 1"),
+        (dict(representatives=3), ValueError, "must divide block_size"),
+        (dict(blocks=0), ValueError, "blocks must be >= 1"),
+        (dict(dtype="bfloat16"), ValueError, "dtype must be one of"),
+        (dict(max_blocks=8), ValueError, "max_blocks=8 < blocks=16"),
+        (dict(max_blocks=0), ValueError, "max_blocks must be >= 1"),
+        (dict(layers=[]), ValueError, "layers is empty"),
+        (dict(layers=[1, -2]), ValueError, "layers entry must be >= 0"),
+        (dict(layers="1,2"), TypeError, "layers must be layer numbers"),
+        (dict(layers=5), TypeError, "layers must be layer numbers"),
+        (dict(chunk=0), ValueError, "chunk must be >= 1"),
+        (dict(shared="yes"), TypeError, "shared must be a bool"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BlockMemory(**kwargs)
+
+
+def test_layers_are_normalised_and_checked():
+    m = BlockMemory(layers=range(6, 2, -1))
+    assert m.layers == (3, 4, 5, 6)
+    assert m.applies_to(4) and not m.applies_to(2) and not m.applies_to(7)
+    assert BlockMemory(layers=[2, 2, 1]).layers == (1, 2)
+    m.check_layers(7)
+    with pytest.raises(ValueError, match="include 6 but the model has 6 layers"):
+        m.check_layers(6)
+    assert hash(m) == hash(BlockMemory(layers=[3, 4, 5, 6]))  # frozen, usable as a key
+
+
+def test_bytes_per_token():
+    # SmolLM2: 3 kv heads of 64. float32 keys + values 1536 B, representatives 4 * 64 * 4 / 128 = 8 B per head.
+    assert BlockMemory().bytes_per_token(3, 64) == 3 * (128 * 4 + 8)
+    assert BlockMemory(dtype="float16").bytes_per_token(3, 64) == 3 * (128 * 2 + 8)
+    assert BlockMemory(dtype="int8").bytes_per_token(3, 64) == 3 * (128 + 8 + 8)
+
+
+# ------------------------------------------------------------------------------------------------- the rule
+
+
+@given(
+    q=st.integers(-1, 60),
+    k=st.integers(-1, 60),
+    G=st.integers(0, 5),
+    L=st.integers(1, 12),
+    bs=st.integers(1, 9),
+    chunk=st.integers(1, 9),
+)
+@settings(max_examples=300, **SETTINGS)
+def test_rule_functions_match_their_definitions(q, k, G, L, bs, chunk):
+    qt, kt = torch.tensor(q), torch.tensor(k)
+    assert int(block_of(kt, G, bs)) == ((k - G) // bs if k >= G else -1)
+    assert int(query_chunk(qt, chunk)) == (q // chunk if q >= 0 else -1)
+    # middle_blocks: the blocks whose first token is a middle key of q.
+    n = int(middle_blocks(qt, G, L, bs))
+    reached = [b for b in range(64) if q >= 0 and q - (G + b * bs) >= L]
+    assert n == len(reached) and reached == list(range(n))
+    for chosen in (True, False):
+        expected = k >= G and k >= 0 and q - k >= L and q >= 0 and chosen
+        assert bool(memory_rule(qt, kt, G, L, torch.tensor(chosen))) == expected
+    assert bool(memory_rule(qt, kt, G, L, torch.tensor(True))) == (bool(middle_rule(qt, kt, G, L)) and q >= 0)
+
+
+# ------------------------------------------------------------------------------------------------ the store
+
+
+def _columns(B, Hkv, T, d, pads, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(B, Hkv, T, d, generator=g)
+    values = torch.randn(B, Hkv, T, d + 1, generator=g)
+    k_idx = torch.stack([torch.cat([torch.full((p,), -1), torch.arange(T - p)]) for p in pads])
+    return keys, values, k_idx
+
+
+def _fill(store, keys, values, k_idx, upto):
+    cols = store.new_columns(k_idx, upto)
+    safe = cols.clamp(min=0)
+    kk = torch.gather(keys, 2, safe[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1]))
+    vv = torch.gather(values, 2, safe[:, None, :, None].expand(-1, values.shape[1], -1, values.shape[-1]))
+    store.add(kk, vv, upto)
+
+
+def test_store_holds_the_blocks_of_each_row():
+    G, bs = 3, 4
+    store = BlockStore(BlockMemory(block_size=bs, representatives=2, blocks=1), n_global=G)
+    keys, values, k_idx = _columns(2, 2, 40, 8, pads=[0, 9])
+    # In two steps: rows form 2 and 1 blocks, then 7 and 5.
+    _fill(store, keys, values, k_idx, torch.tensor([2, 1]))
+    _fill(store, keys, values, k_idx, torch.tensor([7, 5]))
+    assert store.formed.tolist() == [7, 5]
+    for r, pad in enumerate([0, 9]):
+        firsts = sorted(int(f) for f in store.first[r] if f >= 0)
+        assert firsts == [G + b * bs for b in range(int(store.formed[r]))]
+        for slot in range(store.slots):
+            f = int(store.first[r, slot])
+            if f < 0:
+                continue
+            cols = pad + f + torch.arange(bs)
+            torch.testing.assert_close(store.keys[r, :, slot], keys[r, :, cols])
+            torch.testing.assert_close(store.values[r, :, slot], values[r, :, cols])
+            torch.testing.assert_close(store.summary[r, :, slot], summarise(keys[r, :, cols], 2))
+    assert store.tokens_held() == (7 + 5) * bs
+    assert store.blocks_held().tolist() == [7, 5]
+
+
+def test_store_refuses_missing_tokens_and_other_batches():
+    store = BlockStore(BlockMemory(block_size=4, representatives=1, blocks=1), n_global=2)
+    keys, values, k_idx = _columns(1, 1, 20, 4, pads=[0])
+    gap = k_idx.clone()
+    gap[0, 5:] += 3  # tokens 5, 6, 7 are missing from the columns
+    with pytest.raises(ValueError, match="not among the key columns"):
+        store.new_columns(gap, torch.tensor([2]))
+    _fill(store, keys, values, k_idx, torch.tensor([1]))
+    with pytest.raises(ValueError, match="holds a batch of 1 rows, the input has 2"):
+        store.new_columns(k_idx.expand(2, -1), torch.tensor([2, 2]))
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 2e-3), ("int8", 1 / 127)])
+def test_store_dtypes_keep_keys_close(dtype, tol):
+    store = BlockStore(BlockMemory(block_size=8, representatives=2, blocks=1, dtype=dtype), n_global=0)
+    keys, values, k_idx = _columns(1, 2, 64, 16, pads=[0])
+    _fill(store, keys, values, k_idx, torch.tensor([8]))
+    assert store.keys.dtype == {"float16": torch.float16, "int8": torch.int8}[dtype]
+    mem = store.memory_of(torch.arange(8).view(1, 1, 1, 8), torch.zeros(1, 1, dtype=torch.long))
+    k, v, idx = mem.blocks(torch.arange(8).view(1, 1, 8), torch.device("cpu"))
+    order = idx[0, 0]
+    # Per-vector error bound: half a step of the vector's scale (int8) or float16 rounding.
+    bound = keys.abs().amax(-1, keepdim=True) * tol
+    assert ((k - keys[:, :, order]).abs() <= bound[:, :, order] + 1e-6).all()
+    bound = values.abs().amax(-1, keepdim=True) * tol
+    assert ((v - values[:, :, order]).abs() <= bound[:, :, order] + 1e-6).all()
+    # What it costs: the formula of BlockMemory.bytes_per_token, for a full store.
+    per_token = store.memory.bytes_per_token(2, 16, 17)
+    bookkeeping = store.first.numel() * 8 * 2  # first and uses, int64 per slot
+    assert store.nbytes() - bookkeeping == pytest.approx(per_token * store.tokens_held())
+
+
+class _SlotModel:
+    """The store's slots in plain Python: at the cap, evict the least-chosen block, the oldest among equals."""
+
+    def __init__(self, cap):
+        self.cap, self.blocks, self.evicted = cap, {}, 0  # block number -> uses
+
+    def add(self, number):
+        if self.cap is not None and len(self.blocks) >= self.cap:
+            victim = min(self.blocks, key=lambda b: (self.blocks[b], b))
+            del self.blocks[victim]
+            self.evicted += 1
+        self.blocks[number] = 0
+
+
+@given(
+    cap=st.one_of(st.none(), st.integers(2, 6)),
+    steps=st.lists(st.tuples(st.integers(0, 3), st.lists(st.integers(0, 30), max_size=3)), min_size=1, max_size=8),
+)
+@settings(max_examples=60, **SETTINGS)
+def test_store_eviction_follows_least_used(cap, steps):
+    bs, G = 2, 1
+    memory = BlockMemory(block_size=bs, representatives=1, blocks=2, max_blocks=cap)
+    store = BlockStore(memory, n_global=G)
+    model = _SlotModel(cap)
+    total = sum(n for n, _ in steps)
+    keys, values, k_idx = _columns(1, 1, G + total * bs + 1, 2, pads=[0])
+    formed = 0
+    for n, picks in steps:
+        formed += n
+        _fill(store, keys, values, k_idx, torch.tensor([formed]))
+        for b in range(formed - n, formed):
+            model.add(b)
+        # Choose some held blocks (by number), counted as a chunk's choice.
+        firsts = [] if store.first is None else store.first[0].tolist()
+        held = {(int(f) - G) // bs: s for s, f in enumerate(firsts) if f >= 0}
+        chosen = [held[b] for b in sorted(set(picks)) if b in held][:2]
+        if chosen:
+            store.record_uses(torch.tensor(chosen + [-1] * (2 - len(chosen))).view(1, 1, 1, 2))
+            for s in chosen:
+                model.blocks[(int(store.first[0, s]) - G) // bs] += 1
+        assert held.keys() == model.blocks.keys()
+        assert {b: int(store.uses[0, s]) for b, s in held.items()} == model.blocks
+        assert int(store.evicted[0]) == model.evicted if store.evicted is not None else model.evicted == 0
+        if cap is not None:
+            assert store.slots <= cap
+
+
+def test_select_rows_and_reset():
+    store = BlockStore(BlockMemory(block_size=2, representatives=1, blocks=1), n_global=0)
+    keys, values, k_idx = _columns(2, 1, 12, 2, pads=[0, 2])
+    _fill(store, keys, values, k_idx, torch.tensor([5, 4]))
+    firsts = store.first.clone()
+    store.select_rows(torch.tensor([1, 1, 0]))
+    assert store.first.tolist() == [firsts[1].tolist(), firsts[1].tolist(), firsts[0].tolist()]
+    assert store.formed.tolist() == [4, 4, 5]
+    store.reset()
+    assert store.first is None and store.formed is None and store.nbytes() == 0
+
+
+# ----------------------------------------------------------------------------------------------- the choice
+
+
+def _filled_store(B, Hkv, d, G, bs, R, K, n_blocks, shared=True, seed=0, chunk=None, dtype="float32"):
+    memory = BlockMemory(block_size=bs, representatives=R, blocks=K, shared=shared, chunk=chunk, dtype=dtype)
+    store = BlockStore(memory, n_global=G)
+    keys, values, k_idx = _columns(B, Hkv, G + n_blocks * bs, d, pads=[0] * B, seed=seed)
+    _fill(store, keys, values, k_idx, torch.full((B,), n_blocks))
+    return store
+
+
+@given(
+    B=st.integers(1, 2),
+    kv=st.sampled_from([(1, 1), (1, 3), (2, 2)]),
+    G=st.integers(0, 3),
+    L=st.integers(1, 10),
+    bs=st.sampled_from([1, 2, 4]),
+    K=st.integers(1, 5),
+    n_blocks=st.integers(0, 12),
+    chunk=st.integers(1, 7),
+    T=st.integers(1, 20),
+    start=st.integers(0, 40),
+    shared=st.booleans(),
+    seed=st.integers(0, 3),
+)
+@settings(max_examples=80, **SETTINGS)
+def test_choice_is_the_best_representatives(B, kv, G, L, bs, K, n_blocks, chunk, T, start, shared, seed):
+    Hkv, rep = kv
+    H, d, R = Hkv * rep, 4, min(2, bs)
+    store = _filled_store(B, Hkv, d, G, bs, R, K, n_blocks, shared, seed, chunk)
+    g = torch.Generator().manual_seed(seed + 7)
+    queries = torch.randn(B, H, T, d, generator=g)
+    q_idx = (start + torch.arange(T)).expand(B, T).clone()
+    choice = choose(store, queries, q_idx, L, record=False)
+    chunk_ids, C = chunks_of(q_idx, chunk)
+    assert torch.equal(choice.chunk, chunk_ids)
+    if n_blocks == 0:
+        assert (choice.chosen == -1).all()
+        return
+    Hc = 1 if shared else Hkv
+    assert choice.chosen.shape == (B, Hc, C, K)
+    for b in range(B):
+        for c in range(C):
+            members = (chunk_ids[b] == c).nonzero().flatten()
+            mean_q = queries[b, :, members].mean(1)  # (H, d)
+            last = int(q_idx[b, members].max())
+            allowed = max(0, (last - L - G) // bs + 1)  # blocks whose first token left the window
+            for h in range(Hc):
+                heads = range(H) if shared else range(h * rep, (h + 1) * rep)
+                score = {}
+                for slot in range(store.slots):
+                    number = (int(store.first[b, slot]) - G) // bs
+                    if store.first[b, slot] < 0 or number >= allowed:
+                        continue
+                    reps = store.summary[b, :, slot]  # (Hkv, R, d)
+                    score[slot] = sum(float((reps[hh // rep] @ mean_q[hh]).max()) for hh in heads)
+                expected = sorted(score, key=lambda s: (-score[s], s))[:K]
+                got = [s for s in choice.chosen[b, h, c].tolist() if s >= 0]
+                assert len(got) == len(expected)
+                # Equal up to float rounding: each chosen slot scores at least the K-th best.
+                assert set(got) == set(expected) or all(score[s] >= score[expected[-1]] - 1e-5 for s in got), (
+                    got,
+                    expected,
+                    score,
+                )
+
+
+def test_choice_counts_uses():
+    store = _filled_store(1, 1, 4, G=1, bs=2, R=1, K=2, n_blocks=5)
+    queries = torch.randn(1, 1, 2, 4)
+    q_idx = torch.tensor([[40, 41]])  # one chunk (chunk = block_size = 2)
+    choice = choose(store, queries, q_idx, n_local=4)
+    assert choice.chosen.shape == (1, 1, 1, 2)
+    assert sorted(store.uses[0, choice.chosen[0, 0, 0]].tolist()) == [1, 1]
+    assert int(store.uses.sum()) == 2
+    choose(store, queries, q_idx, n_local=4, record=False)
+    assert int(store.uses.sum()) == 2
+
+
+# ------------------------------------------------------------------------------------------------ the kernel
+
+
+def _brute_force(qg, mem, q_idx, G, L, scaling, rep, alibi=None):
+    """Per query and head, from the rule's words: the chosen blocks' middle keys at distance D, one softmax."""
+    B, H, T, _ = qg.shape
+    Hkv, N, bs = mem.keys.shape[1:4]
+    keys = mem.keys.float() * (mem.key_scale if mem.key_scale is not None else 1)
+    values = mem.values.float() * (mem.value_scale if mem.value_scale is not None else 1)
+    out = torch.zeros(B, H, T, values.shape[-1])
+    lse = torch.full((B, H, T), -math.inf)
+    for b in range(B):
+        for h in range(H):
+            hk = h // rep
+            hc = 0 if mem.chosen.shape[1] == 1 else hk
+            for t in range(T):
+                i, c = int(q_idx[b, t]), int(mem.chunk[b, t])
+                if i < 0 or c < 0:
+                    continue
+                logits, vals = [], []
+                for slot in mem.chosen[b, hc, c].tolist():
+                    if slot < 0 or mem.first[b, slot] < 0:
+                        continue
+                    for u in range(bs):
+                        j = int(mem.first[b, slot]) + u
+                        if j >= G and i - j >= L:
+                            s = float(qg[b, h, t] @ keys[b, hk, slot, u]) * scaling
+                            if alibi is not None:
+                                s -= float(alibi.slopes[h]) * alibi.limit_distance
+                            logits.append(s)
+                            vals.append(values[b, hk, slot, u])
+                if logits:
+                    w = torch.tensor(logits)
+                    lse[b, h, t] = torch.logsumexp(w, 0)
+                    out[b, h, t] = torch.softmax(w, 0) @ torch.stack(vals)
+    return out, lse
+
+
+@st.composite
+def kernel_cases(draw):
+    Hkv, rep = draw(st.sampled_from([(1, 1), (1, 2), (2, 2), (3, 3)]))
+    B = draw(st.integers(1, 3))
+    return dict(
+        B=B,
+        Hkv=Hkv,
+        rep=rep,
+        G=draw(st.integers(0, 4)),
+        L=draw(st.integers(1, 10)),
+        bs=draw(st.sampled_from([1, 2, 3, 4])),
+        K=draw(st.integers(1, 4)),
+        n_blocks=draw(st.integers(1, 10)),
+        chunk=draw(st.integers(1, 6)),
+        T=draw(st.integers(1, 14)),
+        start=draw(st.integers(0, 50)),
+        pads=[draw(st.integers(0, 4)) for _ in range(B)],
+        shared=draw(st.booleans()),
+        dtype=draw(st.sampled_from(["float32", "float16", "int8"])),
+        alibi=draw(st.booleans()),
+        seed=draw(st.integers(0, 5)),
+    )
+
+
+def _case_memory(case):
+    B, Hkv, rep, G, bs, T = case["B"], case["Hkv"], case["rep"], case["G"], case["bs"], case["T"]
+    H, d = Hkv * rep, 4
+    store = _filled_store(
+        B, Hkv, d, G, bs, 1, case["K"], case["n_blocks"], case["shared"], case["seed"], case["chunk"], case["dtype"]
+    )
+    qg = torch.randn(B, H, T, d, generator=torch.Generator().manual_seed(case["seed"] + 1))
+    pads = torch.tensor(case["pads"])[:, None]
+    q_idx = torch.where(torch.arange(T) < pads, -1, case["start"] + torch.arange(T) - pads)
+    choice = choose(store, qg, q_idx, case["L"])
+    mem = store.memory_of(choice.chosen, choice.chunk)
+    alibi = Alibi(torch.linspace(0.1, 0.9, H), case["L"]) if case["alibi"] else None
+    return mem, qg, q_idx, rep, alibi
+
+
+@given(case=kernel_cases())
+@settings(max_examples=60, **SETTINGS)
+def test_piece_equals_dense_reference_and_brute_force(case):
+    mem, qg, q_idx, rep, alibi = _case_memory(case)
+    G, L, scaling = case["G"], case["L"], 0.5
+    mod = ScoreMod(scaling, alibi=alibi)
+    T = qg.shape[2]
+    # The kernel piece, over spans of queries that cut chunks anywhere.
+    outs, lses = [], []
+    for s in range(0, T, 5):
+        e = min(s + 5, T)
+        o, lse = kmem.piece(qg[:, :, s:e], mem, q_idx[:, s:e], s, e, G, L, mod, rep)
+        outs.append(o)
+        lses.append(lse)
+    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+    # The dense reference.
+    logits, values = kmem.dense_scores(qg, mem, q_idx, G, L, mod, rep)
+    ref_lse = torch.logsumexp(logits, -1)
+    ref = torch.softmax(logits, -1).nan_to_num(0.0) @ values
+    bf_out, bf_lse = _brute_force(qg, mem, q_idx, G, L, scaling, rep, alibi)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, bf_lse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, bf_out, atol=1e-4, rtol=1e-4)
+
+
+def test_every_block_chosen_is_every_middle_key_at_distance_D():
+    """With K >= the blocks and one chunk per query, memory sees exactly the middle keys of each query (the
+    top-k rule with k = all middle keys), each at distance D: a block joins as soon as its first token leaves
+    the window, and its tokens still in the window stay local."""
+    G, L, bs, n_blocks, d = 2, 5, 3, 6, 4
+    store = _filled_store(1, 2, d, G, bs, 1, n_blocks, n_blocks, chunk=1)
+    keys = store.keys[0].flatten(1, 2)  # (Hkv, n_blocks * bs, d): tokens G .. in order (slots filled in order)
+    values = store.values[0].flatten(1, 2)
+    T = 30
+    qg = torch.randn(1, 4, T, d)
+    q_idx = torch.arange(T)[None]
+    choice = choose(store, qg, q_idx, L)
+    mem = store.memory_of(choice.chosen, choice.chunk)
+    out, lse = kmem.piece(qg, mem, q_idx, 0, T, G, L, ScoreMod(0.5), 2)
+    for t in range(T):
+        middle = [j - G for j in range(G, G + n_blocks * bs) if t - j >= L]
+        for h in range(4):
+            if not middle:
+                assert lse[0, h, t] == -math.inf and (out[0, h, t] == 0).all()
+                continue
+            w = (keys[h // 2, middle] @ qg[0, h, t]) * 0.5
+            torch.testing.assert_close(out[0, h, t], torch.softmax(w, 0) @ values[h // 2, middle])
+            torch.testing.assert_close(lse[0, h, t], torch.logsumexp(w, 0))
+
+
+def test_memory_value_checks_shapes():
+    k = torch.zeros(1, 2, 3, 4, 5)
+    with pytest.raises(ValueError, match="disagree"):
+        kmem.Memory(k, torch.zeros(1, 2, 3, 5, 5), torch.zeros(1, 3), torch.zeros(1, 1, 1, 1), torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="chosen blocks"):
+        kmem.Memory(k, k, torch.zeros(1, 3), torch.zeros(1, 3, 1, 1), torch.zeros(1, 1))
