@@ -42,13 +42,14 @@ def test_demo_writes_table_json_and_plot(tmp_path, capsys):
     out, plot = tmp_path / "demo.json", tmp_path / "demo.png"
     assert run("demo", "--max-length", 2048, "--windows", 1, "--out", out, "--plot", plot, "--no-progress") == 0
     table = capsys.readouterr().out
-    assert "[1024, 2048)" in table and "[0, 512) all" in table and "[512, 2048) all" in table
+    # positions 0..2046: the last power-of-two bucket ends where they do
+    assert "[1024, 2047)" in table and "[0, 512) all" in table and "[512, 2047) all" in table
     data = read(out)
     assert data["model"] == "stories260K" and data["data"] == [TINY]
     assert data["config"]["n_global"] == 10 and data["config"]["n_local"] == 512
     rows = data["results"]
     assert set(rows[0]) == {"method", "bucket_start", "bucket_end", "tokens", "nll", "ppl"}
-    assert [r["bucket_end"] for r in rows if r["method"] == "sinks"][-3:] == [512, 1024, 2048]
+    assert [r["bucket_end"] for r in rows if r["method"] == "sinks"][-3:] == [512, 1024, 2047]
     assert nll(rows, "lminfinite", 1024) < nll(rows, "vanilla", 1024) - 0.15
     inside = sum(r["nll"] * r["tokens"] for r in rows if r["method"] == "lminfinite" and r["bucket_end"] <= 512) / 511
     assert abs(nll(rows, "lminfinite", 1024) - inside) < 0.1 * inside
@@ -70,6 +71,22 @@ def test_ppl_two_texts_fixed_buckets_is_deterministic(tmp_path):
     ]
     assert nll(a["results"], "vanilla", 0) == pytest.approx(nll(a["results"], "lminfinite", 0), abs=1e-4)
     assert all(r["ppl"] == pytest.approx(2.718281828 ** r["nll"]) for r in a["results"])
+
+
+def test_ppl_summary_rows_count_up_to_the_end_of_the_data(tmp_path, capsys):
+    """Issue 21 item 10 through the command: --max-length 600 with buckets 0,256,512,1024: the last bucket is
+    [512, 599), and the summary past n_local covers [256, 599) with the token-weighted mean of both buckets."""
+    out = tmp_path / "r.json"
+    assert run("ppl", "--data", TINY, "--max-length", 600, "--windows", 1, "--buckets", "0,256,512,1024", "--n-local", 256,
+               "--methods", "vanilla", "--no-progress", "--out", out) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    rows = read(out)["results"]
+    assert [(r["bucket_start"], r["bucket_end"], r["tokens"]) for r in rows] == [(0, 256, 256), (256, 512, 256),
+                                                                                  (512, 599, 87)]  # fmt: skip
+    mean = (rows[1]["nll"] * 256 + rows[2]["nll"] * 87) / (256 + 87)
+    line = next(x for x in table.splitlines() if x.startswith("[256, 599) all"))
+    assert line.split()[-1] == f"{mean:.3f}"
+    assert "1024" not in table and "600" not in table
 
 
 def test_passkey_rows_in_range_and_seeded(tmp_path, capsys):

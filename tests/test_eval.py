@@ -61,6 +61,29 @@ def test_bucketize_and_merge_are_token_weighted_means():
     assert perplexity.merge(rows, "other", 0, 4) is None
 
 
+def test_a_bucket_cut_by_the_data_and_the_summary_rows_cover_exactly_what_they_name():
+    """Issue 21 item 10: positions 0..1498, buckets 0,512,1024,2048: the last bucket is [1024, 1499), and the
+    summary of [512, 1500) is the token-weighted mean of every position from 512 to the end, labelled
+    [512, 1499) (it used to be the bucket [512, 1024) alone, under the label [512, 1500))."""
+    nll = torch.linspace(1.0, 2.0, 1499, dtype=torch.float64)[None].float()
+    rows = perplexity.bucketize("m", nll, [0, 512, 1024, 2048])
+    assert [(r["bucket_start"], r["bucket_end"], r["tokens"]) for r in rows] == [
+        (0, 512, 512),
+        (512, 1024, 512),
+        (1024, 1499, 475),
+    ]
+    summary = perplexity.merge(rows, "m", 512, 1500)
+    assert (summary["bucket_start"], summary["bucket_end"], summary["tokens"]) == (512, 1499, 987)
+    assert summary["nll"] == pytest.approx(float(nll[0, 512:].double().mean()), rel=1e-6)
+    # a span whose edge falls inside a bucket: the row says which positions it covers
+    assert perplexity.merge(rows, "m", 0, 1000)["bucket_end"] == 512
+    assert perplexity.merge(rows, "m", 100, 400) is None
+    table = report.nll_table(rows, spans=[(0, 512), (512, 1500)])
+    assert "[1024, 1499)" in table and "[512, 1499) all" in table and "1500" not in table
+    line = next(x for x in table.splitlines() if x.startswith("[512, 1499) all"))
+    assert line.split()[-1] == f"{float(nll[0, 512:].double().mean()):.3f}"
+
+
 def test_truncate_stride_one_is_exact_and_default_stride_matches_vanilla_inside_window(stories, window):
     model = stories[0]
     ids = window[0, :200]

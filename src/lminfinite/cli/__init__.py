@@ -544,7 +544,8 @@ def run_ppl(args) -> int:
         model, ids, args.methods, args.n_global, args.n_local, args.buckets, args.chunk_size, _progress(args)
     )
     seconds = time.perf_counter() - start
-    print(nll_table(rows, spans=[(0, args.n_local), (args.n_local, args.max_length)]))
+    # positions 0..max_length - 2 (each predicts the next token): the second summary ends where they end
+    print(nll_table(rows, spans=[(0, args.n_local), (args.n_local, args.max_length - 1)]))
     config = {"max_length": args.max_length, "windows": args.windows, "buckets": args.buckets}
     payload = _payload(args, names, config, rows, seconds)
     title = f"{args.model} on {', '.join(Path(n).name for n in names)}: G={args.n_global}, L={args.n_local}"

@@ -91,9 +91,13 @@ def check_nll(nll: torch.Tensor, method: str | Method, window: int = 0) -> None:
 
 
 def bucketize(method: str, nll: torch.Tensor, edges: Sequence[int]) -> list[dict]:
-    """Rows of mean NLL per bucket `[edges[k], edges[k+1])` of position, over all windows (rows of `nll`)."""
+    """Rows of mean NLL per bucket `[edges[k], edges[k+1])` of position, over all windows (rows of `nll`).
+
+    A bucket that the windows' end cuts counts the positions up to that end and is labelled with it: with
+    positions 0..1498, the bucket [1024, 2048) is the row [1024, 1499)."""
     rows = []
     for start, end in zip(edges, edges[1:], strict=False):
+        end = min(end, nll.shape[1])
         values = nll[:, start:end]
         values = values[~values.isnan()]
         if values.numel():
@@ -102,12 +106,19 @@ def bucketize(method: str, nll: torch.Tensor, edges: Sequence[int]) -> list[dict
 
 
 def merge(rows: list[dict], method: str, start: int, end: int) -> dict | None:
-    """One row for `[start, end)` from the bucket rows inside it (token-weighted mean); None if empty."""
-    inside = [r for r in rows if r["method"] == method and r["bucket_start"] >= start and r["bucket_end"] <= end]
-    tokens = sum(r["tokens"] for r in inside)
-    if not tokens:
+    """One row from the bucket rows of `method` inside `[start, end)` (token-weighted mean), labelled with the
+    span they cover exactly: from the first one's start to the last one's end (an `end` past the data becomes
+    where the data ends; a bucket that straddles `start` or `end` is left out, and the label says so). None
+    when no bucket lies inside, or the ones inside leave a gap."""
+    inside = sorted(
+        (r for r in rows if r["method"] == method and r["bucket_start"] >= start and r["bucket_end"] <= end),
+        key=lambda r: r["bucket_start"],
+    )
+    if not inside or any(a["bucket_end"] != b["bucket_start"] for a, b in zip(inside, inside[1:], strict=False)):
         return None
-    return _row(method, start, end, tokens, sum(r["nll"] * r["tokens"] for r in inside) / tokens)
+    tokens = sum(r["tokens"] for r in inside)
+    nll = sum(r["nll"] * r["tokens"] for r in inside) / tokens
+    return _row(method, inside[0]["bucket_start"], inside[-1]["bucket_end"], tokens, nll)
 
 
 def _row(method: str, start: int, end: int, tokens: int, nll: float) -> dict:

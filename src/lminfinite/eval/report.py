@@ -54,15 +54,24 @@ def _grid(header: Sequence[str], lines: list[Sequence[str]]) -> str:
 
 
 def nll_table(rows: list[dict], spans: Sequence[tuple[int, int]] = ()) -> str:
-    """NLL (nats/token) per position bucket (rows) and method (columns), then one line per extra span
-    `(start, end)` that is not already a bucket (token-weighted mean of the buckets inside it)."""
+    """NLL (nats/token) per position bucket (rows) and method (columns), then one summary line per extra span
+    `(start, end)`: the token-weighted mean of the buckets inside it, labelled with the positions those buckets
+    cover (`merge`), so a span that passes the data's end reads up to where the data ends; a summary that
+    repeats a bucket is not printed twice."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     buckets = sorted({(r["bucket_start"], r["bucket_end"]) for r in rows})
     value = {(r["method"], r["bucket_start"], r["bucket_end"]): r["nll"] for r in rows}
     lines = [[f"[{a}, {b})", *(_num(value.get((m, a, b))) for m in methods)] for a, b in buckets]
-    for a, b in (span for span in spans if span not in buckets):
+    shown = set(buckets)
+    for a, b in spans:
         merged = [merge(rows, m, a, b) for m in methods]
-        lines.append([f"[{a}, {b}) all", *(_num(r and r["nll"]) for r in merged)])
+        covered = {(r["bucket_start"], r["bucket_end"]) for r in merged if r is not None}
+        for start, end in sorted(covered - shown):
+            shown.add((start, end))
+            cells = [
+                _num(r["nll"]) if r and (r["bucket_start"], r["bucket_end"]) == (start, end) else "-" for r in merged
+            ]
+            lines.append([f"[{start}, {end}) all", *cells])
     return "NLL (nats/token) by token position\n" + _grid(["position", *methods], lines)
 
 
