@@ -95,6 +95,14 @@ def _wrap_kv_cache_spec() -> None:
         settings = settings_of(vllm_config.model_config.hf_config)
         if settings is None or type(spec) is not FullAttentionSpec:
             return spec
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise NotImplementedError(
+                "lminfinite's vLLM plugin implements Λ-attention in vLLM's CPU backend (CPU_ATTN) only; on this "
+                "platform the model would run full attention with a KV cache that drops the middle: remove the "
+                '"lminfinite" override'
+            )
         return LambdaAttentionSpec(
             block_size=spec.block_size,
             num_kv_heads=spec.num_kv_heads,
