@@ -1,8 +1,9 @@
-"""`lminfinite serve` as a process: argument errors, start-up, a long conversation with the server's RSS flat, and a
-clean stop on SIGINT."""
+"""`lminfinite serve` as a process: argument errors, start-up, a long conversation with the server's RSS flat, a
+clean stop on SIGINT, and SIGTERM ending an open stream with a final event."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -44,6 +45,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
+    """Poll /health until the server answers (a condition with a deadline; the process must stay alive)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.2)
+
+
+def serve_command(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lminfinite.cli", "serve", "--model", "stories260K", "--n-global", "4",
+            "--n-local", "64", "--port", str(port), "--log-level", "warning", "--threads", "1", *extra]  # fmt: skip
+
+
+@needs_stories
+@pytest.mark.slow  # a subprocess
+def test_cli_server_sigterm_ends_an_open_stream_with_a_final_event():
+    """SIGTERM to `lminfinite serve` with a stream open (issue 21 item 7): the stream ends with an error event
+    (503, shutting down) and [DONE], the chunked response is complete, and the server exits (by the signal, as
+    uvicorn re-raises it) with no traceback."""
+    port = free_port()
+    proc = subprocess.Popen(
+        serve_command(port, "--shutdown-grace", "3", "--max-tokens-cap", "100000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(proc, url)
+        body = {"model": "stories260K", "prompt": "Once", "max_tokens": 100000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            events = [line[6:] for line in lines if line.startswith("data: ")]  # no incomplete chunked read
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "service_unavailable"
+        # uvicorn re-raises the signal once it has shut down gracefully: the conventional "ended by SIGTERM"
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+
+
 @needs_stories
 @pytest.mark.slow
 def test_cli_server_long_conversation_flat_rss(tmp_path):
@@ -71,16 +123,7 @@ def test_cli_server_long_conversation_flat_rss(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+        wait_until_serving(proc, url)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         client = OpenAI(base_url=f"{url}/v1", api_key="secret-2", max_retries=0)
         server = psutil.Process(proc.pid)

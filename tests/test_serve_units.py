@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import lminfinite
+from lminfinite.decoding import IncrementalDecoder
 from lminfinite.models.assets import asset
 from lminfinite.serve.metrics import Counter, Histogram, Metrics, parse_metrics
 from lminfinite.serve.protocol import GenParams
 from lminfinite.serve.scheduler import Engine, Job, Scheduler
 from lminfinite.serve.sessions import SessionStore
-from lminfinite.serve.templates import IncrementalDecoder, Prompt, StopMatcher, encode
+from lminfinite.serve.templates import Prompt, StopMatcher, encode
 
 G, L = 4, 64
 needs_stories = pytest.mark.skipif(
@@ -338,6 +339,31 @@ def test_stop_matcher_holds_back_and_cuts():
     m = StopMatcher(("xyz",))
     assert m.feed("abcx") == ("abc", False) and m.feed("y") == ("", False) and m.flush() == "xy"
     assert StopMatcher(()).feed("abc") == ("abc", False)
+
+
+def test_stop_matcher_equals_a_full_search_on_random_streams():
+    """500 seeded random streams over a 3-letter alphabet, cut into random pieces, with 1-3 random stops: the
+    emitted text is the stream up to the first stop that is complete (the earliest one in the text up to where
+    it ends), all of it with none; what is held back is never more than the longest stop minus one."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        stops = tuple("".join(rng.choice("abc") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3)))
+        stream = "".join(rng.choice("abc") for _ in range(rng.randint(0, 40)))
+        ends = [e for e in range(len(stream) + 1) if any(s in stream[:e] for s in stops)]
+        hits = [i for i in (stream[: ends[0]].find(s) for s in stops) if i >= 0] if ends else []
+        expected = stream[: min(hits)] if hits else stream
+        m, out, stopped, at = StopMatcher(stops), [], False, 0
+        while at < len(stream) and not stopped:
+            piece = stream[at : at + rng.randint(1, 4)]
+            at += len(piece)
+            text, stopped = m.feed(piece)
+            out.append(text)
+            assert len(m.pending) < max(map(len, stops))
+        if not stopped:
+            out.append(m.flush())
+        assert ("".join(out), stopped) == (expected, bool(hits)), (stops, stream)
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -65,12 +65,37 @@ def add_command(sub, model_options) -> None:
     s = p.add_argument_group("sessions and limits")
     s.add_argument("--max-sessions", type=nonneg_int, default=64, help="kept conversations, all keys together")
     s.add_argument("--max-cache-mb", type=positive_float, default=1024.0, help="memory budget of all kept caches")
+    s.add_argument(
+        "--max-sessions-per-key",
+        type=nonneg_int,
+        help="kept conversations per API key (default: --max-sessions shared evenly among the keys)",
+    )
+    s.add_argument(
+        "--max-cache-mb-per-key",
+        type=positive_float,
+        help="cache memory per API key (default: --max-cache-mb shared evenly among the keys)",
+    )
     s.add_argument("--no-session-reuse", action="store_true", help="prefill every prompt in full (a baseline)")
     s.add_argument("--max-concurrency", type=positive_int, default=16, help="requests in flight; 429 beyond")
     s.add_argument("--max-tokens-cap", type=positive_int, default=2048, help="largest max_tokens (chat default)")
     s.add_argument("--max-prompt-tokens", type=positive_int, default=131072, help="largest prompt, whole history")
     s.add_argument("--max-body-mb", type=positive_float, default=16.0, help="largest request body")
     s.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request")
+    s.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds to receive a request's head, and again its body (408 beyond)",
+    )
+    s.add_argument(
+        "--max-connections", type=positive_int, default=256, help="open HTTP connections (503 and closed beyond)"
+    )
+    s.add_argument(
+        "--shutdown-grace",
+        type=positive_float,
+        default=10.0,
+        help="on SIGTERM or Ctrl-C, seconds open requests get before they end with a 503 (streams: an error event)",
+    )
     s.add_argument(
         "--step-tokens",
         type=positive_int,
@@ -98,9 +123,8 @@ def run_serve(args) -> int:
     import logging
 
     try:
-        import uvicorn
-
         from ..serve.app import create_app
+        from ..serve.runner import make_server
     except ImportError as e:
         from ..eval.errors import MissingDependency
 
@@ -118,11 +142,16 @@ def run_serve(args) -> int:
             api_keys=keys,
             max_sessions=args.max_sessions,
             max_cache_mb=args.max_cache_mb,
+            max_sessions_per_key=args.max_sessions_per_key,
+            max_cache_mb_per_key=args.max_cache_mb_per_key,
             max_concurrency=args.max_concurrency,
             max_tokens_cap=args.max_tokens_cap,
             max_prompt_tokens=args.max_prompt_tokens,
             max_body_mb=args.max_body_mb,
             request_timeout=args.request_timeout,
+            read_timeout=args.read_timeout,
+            max_connections=args.max_connections,
+            shutdown_grace=args.shutdown_grace,
             step_tokens=min(args.step_tokens, args.chunk_size),
             session_reuse=not args.no_session_reuse,
             log_prompts=args.log_prompts,
@@ -143,8 +172,7 @@ def run_serve(args) -> int:
         f"lminfinite serve: {config.model_name} (G={args.n_global}, L={args.n_local}) on http://{args.host}:{args.port}/v1"
         f" ({'API key required' if keys else 'no API key'})"
     )
-    # on Ctrl-C, streams still open after 10 s are cancelled (their generation stops with them)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=10
-    )
+    # on SIGTERM or Ctrl-C, requests still running near the end of --shutdown-grace end with a 503 (an error
+    # event and [DONE] for a stream), never cut off
+    make_server(app, args.host, args.port, args.log_level, access_log=False).run()
     return 0

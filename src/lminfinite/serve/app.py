@@ -4,14 +4,20 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or server-sent
 `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus text). Every
 error, unknown routes included, is an OpenAI-style `{"error": {...}}` body with its status.
 
-Request path: API key (constant-time compare, 401) -> body read with a size cap (413) -> JSON and
-field validation (400) -> prompt rendering and tokenization in a thread (400 when too long) ->
-admission (429 beyond `max_concurrency`) -> a `Job` for the model worker -> its events become the
-JSON answer or the SSE stream. A client that goes away cancels its job (the stream's generator is
-cancelled by Starlette; a non-streaming request polls for the disconnect).
+Request path: API key (constant-time compare; one Authorization header; 401) -> body read with a size
+cap (413) and a deadline (408) -> JSON and field validation (400: only the documented shapes, valid
+Unicode, bounded nesting) -> admission (429 beyond `max_concurrency`, 503 while shutting down) ->
+prompt rendering and tokenization in a thread, bounded by the prompt limit (400 when too long, found
+after tokenizing about that many tokens at most) -> a `Job` for the model worker -> its events become
+the JSON answer or the SSE stream.
+
+A client that goes away cancels its job at the worker's next step: a stream's generator is cancelled
+by Starlette; a non-streaming request has a task that waits for the disconnect message. A client that
+goes away while sending its body is one info line in the log (answered 499 in the metrics), not an
+error. Any other exception is logged once and answered as a 500 (`MetricsMiddleware`).
 
 `/health` and `/metrics` need no key (they show no text); bind to 127.0.0.1 (the default) or put
-the server behind a proxy to keep them private.
+the server behind a proxy to keep them private. There is no `/openapi.json` and no `/docs`.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from .. import __version__
+from .. import __version__, config_of
 from . import errors
 from .config import ServeConfig
 from .errors import APIError
@@ -38,8 +45,6 @@ from .protocol import (
     Limits,
     chat_chunk,
     chat_completion,
-    check_prompt_chars,
-    check_prompt_size,
     new_id,
     parse_chat,
     parse_completion,
@@ -49,21 +54,35 @@ from .protocol import (
 )
 from .scheduler import Engine, Event, Job, Scheduler
 from .sessions import SessionStore
-from .templates import chat_prompt, completion_prompt, longest_token_chars
+from .templates import (
+    chat_prompt,
+    check_prompt_chars,
+    check_prompt_size,
+    check_token_budget,
+    completion_prompt,
+    longest_token_chars,
+)
 
 log = logging.getLogger("lminfinite.serve")
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-DISCONNECT_POLL_S = 0.1
+CLIENT_GONE = 499  # the status recorded for a request whose client went away (nginx's convention)
 
 
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its request was answered."""
+
+
 class MetricsMiddleware:
-    """Counts every answered request by route and status, and times it to its last byte (pure ASGI)."""
+    """Counts every answered request by route and status, and times it to its last byte (pure ASGI).
+
+    Also the last resort for errors: an exception no handler took is logged once (with its traceback) and
+    answered as a 500, and not raised further (Starlette's outer middleware would log it a second time)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -86,6 +105,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope["path"][:200])
+            if status[0] == 500:  # nothing sent yet
+                await error_response(errors.server_error())(scope, receive, send_status)
         finally:
             route = self.route(scope["path"])
             self.metrics.requests.inc(route=route, status=str(status[0]))
@@ -96,20 +119,30 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     """The server for an lminfinite-enabled `model`; the model worker starts with the app (lifespan)."""
     engine = Engine(model, tokenizer)
     store = SessionStore(
-        config.max_sessions, config.max_cache_bytes, lambda reason: metrics.evictions.inc(reason=reason)
+        config.max_sessions,
+        config.max_cache_bytes,
+        lambda reason: metrics.evictions.inc(reason=reason),
+        key_sessions=config.key_sessions,
+        key_cache_bytes=config.key_cache_bytes,
     )
     metrics = Metrics(sessions=lambda: len(store), cache_bytes=store.cache_bytes, active=lambda: scheduler.in_flight)
     scheduler = Scheduler(engine, store, metrics, config.max_concurrency, config.step_tokens, config.session_reuse)
     limits = Limits(max_tokens_cap=config.max_tokens_cap, vocab_size=int(model.config.vocab_size))
     keys = tuple(k.encode() for k in config.api_keys)
-    state = getattr(model, "_lminfinite", None)
-    lam = state.config if state is not None else None
-    fingerprint = f"lminfinite-{__version__}" + (f"-G{lam.n_global}-L{lam.n_local}" if lam is not None else "")
+    lam = config_of(model)  # enabled: Engine refused the model otherwise
+    assert lam is not None
+    fingerprint = f"lminfinite-{__version__}-G{lam.n_global}-L{lam.n_local}"
     created = int(time.time())
     longest = longest_token_chars(tokenizer)
 
-    def char_check(param: str):
-        return lambda text: check_prompt_chars(text, config.max_prompt_tokens, longest, param)
+    def prompt_check(param: str):
+        """The checks a prompt's text passes before it is tokenized whole: characters, then a bounded count."""
+
+        def check(text: str) -> None:
+            check_prompt_chars(text, config.max_prompt_tokens, longest, param)
+            check_token_budget(tokenizer, text, config.max_prompt_tokens, param)
+
+        return check
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -120,7 +153,15 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         finally:
             scheduler.stop()
 
-    app = FastAPI(title="lminfinite", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="lminfinite",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # no schema without a key (and nothing a client of this API needs)
+        redirect_slashes=False,  # /v1/chat/completions/ is an unknown URL (404), not an empty 307
+    )
     app.state.scheduler, app.state.store, app.state.metrics, app.state.config = scheduler, store, metrics, config
     app.state.engine = engine
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -131,22 +172,21 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     async def api_error(request: Request, exc: APIError):
         return error_response(exc)
 
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone):
+        log.info("client went away before its %s %s was answered", request.method, request.url.path[:200])
+        return Response(status_code=CLIENT_GONE)  # nobody reads it; the metrics record it
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        path = request.url.path[: errors.ECHO_CHARS]
         if exc.status_code == 404:
-            error = APIError(404, f"Unknown request URL: {request.method} {request.url.path}", code="unknown_url")
+            error = APIError(404, f"Unknown request URL: {request.method} {path}", code="unknown_url")
         elif exc.status_code == 405:
-            error = APIError(
-                405, f"Method {request.method} is not allowed on {request.url.path}", code="method_not_allowed"
-            )
+            error = APIError(405, f"Method {request.method} is not allowed on {path}", code="method_not_allowed")
         else:
             error = APIError(exc.status_code, str(exc.detail), code=None)
         return error_response(error)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(errors.server_error())
 
     # -------------------------------------------------------------------------------------------- helpers
 
@@ -154,10 +194,12 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         """The caller's session namespace: a hash of its API key ("" without authentication)."""
         if not keys:
             return ""
-        header = request.headers.get("authorization")
-        if not header:
+        headers = request.headers.getlist("authorization")
+        if not headers:
             raise errors.unauthorized(provided=False)
-        scheme, _, token = header.partition(" ")
+        if len(headers) > 1:
+            raise errors.unauthorized(True, "Send one Authorization header, not several.")
+        scheme, _, token = headers[0].partition(" ")
         given = token.strip().encode()
         ok = False
         for key in keys:  # compare with every key, in constant time for each
@@ -166,65 +208,93 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
             raise errors.unauthorized(provided=True)
         return hashlib.sha256(given).hexdigest()[:32]
 
-    async def read_json(request: Request) -> dict:
+    async def read_body(request: Request) -> bytes:
+        """The body, at most `max_body_bytes` (413), within `read_timeout` seconds (408)."""
         cap = config.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > cap:
-            raise _too_large(cap)
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > cap:
-                raise _too_large(cap)
-            chunks.append(chunk)
-        return parse_json(b"".join(chunks))
+            raise errors.too_large(cap)
+        body = bytearray()
 
-    def admit_job(namespace: str, prompt, params, rid: str, arrival: float) -> tuple[Job, asyncio.Queue]:
-        if not scheduler.alive:
-            raise errors.unavailable("the model worker is not running")
+        async def read() -> None:
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > cap:
+                    raise errors.too_large(cap)
+                body.extend(chunk)
+
+        try:
+            await asyncio.wait_for(read(), config.read_timeout)
+        except asyncio.TimeoutError:
+            metrics.read_timeouts.inc()
+            raise errors.read_timeout(config.read_timeout) from None
+        except ClientDisconnect:
+            raise ClientGone from None
+        return bytes(body)
+
+    async def admitted(namespace: str, rid: str, arrival: float, make_prompt, params) -> Job:
+        """Admission (429, or 503 while shutting down), then the prompt (tokenized in a thread), then the job for
+        the worker; the slot goes back if anything fails before the job is queued."""
+        if not scheduler.alive or scheduler.draining:
+            raise (
+                errors.shutting_down() if scheduler.draining else errors.unavailable("the model worker is not running")
+            )
         if not scheduler.try_admit():
             metrics.rejected.inc()
             raise errors.overloaded(config.max_concurrency)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(
-            rid=rid,
-            namespace=namespace,
-            prompt=prompt,
-            params=params,
-            send=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            timeout_s=config.request_timeout,
-            arrival=arrival,
-        )
-        scheduler.submit(job)
-        return job, events
+        queued = False
+        try:
+            prompt = await run_in_threadpool(make_prompt)
+            loop, events = asyncio.get_running_loop(), asyncio.Queue()
+            job = Job(
+                rid=rid,
+                namespace=namespace,
+                prompt=prompt,
+                params=params,
+                send=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                timeout_s=config.request_timeout,
+                arrival=arrival,
+            )
+            job.events = events
+            scheduler.submit(job)
+            queued = True
+            return job
+        finally:
+            if not queued:
+                scheduler.release_slot()
 
-    async def collect(request: Request, job: Job, events: asyncio.Queue) -> tuple[str, Event]:
-        """Wait for the whole answer; a client that disconnects meanwhile cancels the job."""
+    async def wait_for_disconnect(request: Request, job: Job) -> None:
+        """Cancel `job` as soon as its client goes away (the body is read, so the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel.set()
+        job.events.put_nowait(Event("gone"))
+
+    async def collect(request: Request, job: Job) -> tuple[str, Event]:
+        """Wait for the whole answer; a client that disconnects meanwhile cancels the job (ClientGone)."""
         parts = []
+        watcher = asyncio.create_task(wait_for_disconnect(request, job))
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel.set()
-                        raise asyncio.CancelledError from None
-                    continue
+                event = await job.events.get()
                 if event.kind == "delta":
                     parts.append(event.text)
                 elif event.kind == "done":
                     return "".join(parts), event
+                elif event.kind == "gone":
+                    raise ClientGone
                 else:
                     raise event.error
         finally:
+            watcher.cancel()
             job.cancel.set()  # no effect on a finished job; stops one whose request was cancelled
 
     def sse(payload: dict) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    async def stream(job: Job, events: asyncio.Queue, chat: bool, model_name: str, include_usage: bool):
+    async def stream(job: Job, chat: bool, model_name: str, include_usage: bool):
         created_at = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
+        events = job.events
 
         def piece(text: str, finish: str | None, first: bool = False) -> dict:
             if chat:
@@ -258,8 +328,9 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
                         yield sse(usage_chunk(job.rid, model_name, created_at, obj, event.usage, fingerprint))
                     yield "data: [DONE]\n\n"
                     return
-                else:
+                else:  # an error (timeout, shutdown, failure): an error object, then the end of the stream
                     yield sse(event.error.body())
+                    yield "data: [DONE]\n\n"
                     return
         finally:
             job.cancel.set()
@@ -268,20 +339,15 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         if config.log_prompts:
             log.info("request %s prompt: %r", rid, what)
 
-    async def run(request: Request, namespace: str, prompt, req, chat: bool, arrival: float):
+    async def run(request: Request, namespace: str, make_prompt, req, chat: bool, arrival: float):
         rid = new_id("chatcmpl" if chat else "cmpl")
         log_prompt(rid, req.messages if chat else req.prompt)
-        job, events = admit_job(namespace, prompt, req.params, rid, arrival)
+        job = await admitted(namespace, rid, arrival, make_prompt, req.params)
         if req.stream:
             return StreamingResponse(
-                stream(job, events, chat, req.model, req.include_usage),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
+                stream(job, chat, req.model, req.include_usage), media_type="text/event-stream", headers=SSE_HEADERS
             )
-        try:
-            text, done = await collect(request, job, events)
-        except asyncio.CancelledError:
-            return Response(status_code=499)  # nobody is listening; recorded as 499 in the metrics
+        text, done = await collect(request, job)
         if chat:
             return JSONResponse(chat_completion(rid, req.model, text, done.finish_reason, done.usage, fingerprint))
         return JSONResponse(text_completion(rid, req.model, text, done.finish_reason, done.usage, fingerprint))
@@ -292,19 +358,27 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     async def chat_completions(request: Request):
         arrival = time.perf_counter()
         namespace = authenticate(request)
-        req = parse_chat(await read_json(request), config.served_names, limits)
-        prompt = await run_in_threadpool(chat_prompt, tokenizer, req.messages, char_check("messages"))
-        check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "messages")
-        return await run(request, namespace, prompt, req, True, arrival)
+        req = parse_chat(parse_json(await read_body(request)), config.served_names, limits)
+
+        def make_prompt():
+            prompt = chat_prompt(tokenizer, req.messages, prompt_check("messages"))
+            check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "messages")
+            return prompt
+
+        return await run(request, namespace, make_prompt, req, True, arrival)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         arrival = time.perf_counter()
         namespace = authenticate(request)
-        req = parse_completion(await read_json(request), config.served_names, limits)
-        prompt = await run_in_threadpool(completion_prompt, tokenizer, req.prompt, char_check("prompt"))
-        check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "prompt")
-        return await run(request, namespace, prompt, req, False, arrival)
+        req = parse_completion(parse_json(await read_body(request)), config.served_names, limits)
+
+        def make_prompt():
+            prompt = completion_prompt(tokenizer, req.prompt, prompt_check("prompt"))
+            check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "prompt")
+            return prompt
+
+        return await run(request, namespace, make_prompt, req, False, arrival)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "lminfinite"}
@@ -323,22 +397,19 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        ok = scheduler.alive and not scheduler.draining
         body = {
-            "status": "ok" if scheduler.alive else "unavailable",
+            "status": "ok" if ok else "unavailable",
             "model": config.model_name,
             "n_global": lam.n_global,
             "n_local": lam.n_local,
             "in_flight": scheduler.in_flight,
             "sessions": len(store),
         }
-        return JSONResponse(body, status_code=200 if scheduler.alive else 503)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics_text():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
-
-
-def _too_large(cap: int) -> APIError:
-    return APIError(413, f"the request body is larger than {cap} bytes (--max-body-mb)", code="request_too_large")

@@ -7,6 +7,14 @@ the client maps the status to its exception class (400 BadRequestError, 401 Auth
 
 from __future__ import annotations
 
+ECHO_CHARS = 80  # the most characters of a client's value an error message repeats
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)` cut to `limit` characters (a client's value is repeated in an error, never at full size)."""
+    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class APIError(Exception):
     """An error answered as `status` with an OpenAI-style JSON body."""
@@ -47,12 +55,16 @@ def unsupported(param: str, why: str) -> APIError:
 
 def model_not_found(name: str) -> APIError:
     return APIError(
-        404, f"The model '{name}' does not exist on this server", "invalid_request_error", "model", "model_not_found"
+        404,
+        f"The model {echo(name)} does not exist on this server",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
     )
 
 
-def unauthorized(provided: bool) -> APIError:
-    message = (
+def unauthorized(provided: bool, message: str | None = None) -> APIError:
+    message = message or (
         "Incorrect API key provided."
         if provided
         else "You didn't provide an API key: send it as 'Authorization: Bearer KEY'."
@@ -75,6 +87,26 @@ def timeout(seconds: float) -> APIError:
     return APIError(
         504, f"The request ran past the server's timeout of {seconds:g} s.", "timeout_error", None, "timeout"
     )
+
+
+def too_large(cap: int) -> APIError:
+    return APIError(413, f"the request body is larger than {cap} bytes (--max-body-mb)", code="request_too_large")
+
+
+def read_timeout(seconds: float) -> APIError:
+    """The request (its head or its body) did not arrive in time; the connection is closed after the answer."""
+    return APIError(
+        408,
+        f"the request did not arrive within {seconds:g} s (--read-timeout)",
+        "invalid_request_error",
+        None,
+        "request_timeout",
+        {"Connection": "close"},
+    )
+
+
+def shutting_down() -> APIError:
+    return unavailable("the server is shutting down")
 
 
 def server_error(message: str = "The server had an error while processing the request.") -> APIError:

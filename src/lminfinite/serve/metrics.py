@@ -190,13 +190,20 @@ class Metrics:
         )
         self.evictions = Counter(
             p + "sessions_evicted_total",
-            "Kept sessions dropped, by reason (max_sessions, memory, error).",
+            "Kept sessions dropped, by reason: key_sessions and key_memory (the key's own limits), max_sessions and "
+            "memory (the totals), error.",
             ("reason",),
-            initial=[{"reason": r} for r in ("max_sessions", "memory", "error")],
+            initial=[{"reason": r} for r in ("key_sessions", "key_memory", "max_sessions", "memory", "error")],
         )
         self.disconnects = Counter(p + "client_disconnects_total", "Requests whose client went away before the end.")
         self.timeouts = Counter(p + "request_timeouts_total", "Requests stopped by --request-timeout.")
         self.rejected = Counter(p + "rejected_total", "Requests refused with 429 beyond --max-concurrency.")
+        self.read_timeouts = Counter(
+            p + "read_timeouts_total", "Requests whose head or body did not arrive within --read-timeout (408)."
+        )
+        self.refused_connections = Counter(
+            p + "refused_connections_total", "Connections refused with 503 beyond --max-connections."
+        )
         self.sessions = Gauge(p + "sessions", "Live sessions (kept and in use).", sessions)
         self.cache_bytes = Gauge(p + "cache_bytes", "Bytes of the KV caches of all live sessions.", cache_bytes)
         self.active = Gauge(p + "active_requests", "Requests admitted and not finished (queued or running).", active)

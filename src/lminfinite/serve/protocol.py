@@ -2,21 +2,28 @@
 
 Every field is checked by hand so that each bad input gets a precise 400 with the offending `param`
 (missing, wrong type, out of range, unsupported). Unknown fields are ignored, as most OpenAI-compatible
-servers do. Responses are plain dicts in the shapes the official `openai` client parses.
+servers do, but every string of the body must be valid Unicode (no lone surrogates such as "\\ud800",
+which no tokenizer or UTF-8 encoder accepts) and the body may nest at most `MAX_DEPTH` levels. Only the
+documented shapes are accepted; a value echoed in an error message is cut short (`errors.echo`).
+Responses are plain dicts in the shapes the official `openai` client parses.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
 
-from .errors import APIError, bad_request, missing, model_not_found, unsupported, wrong_type
+from .errors import bad_request, echo, missing, model_not_found, unsupported, wrong_type
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 MAX_STOPS = 4
+MAX_STOP_CHARS = 1000  # the longest stop string (each generated piece is matched against every stop's prefixes)
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+MAX_DEPTH = 16  # the deepest nesting of objects and lists a request body may have (the API needs 4)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,39 @@ def parse_json(body: bytes) -> dict:
         raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}", None, "invalid_json")
+    _check_values(data)
     return data
+
+
+def _check_values(data: dict) -> None:
+    """400 for a body nested deeper than MAX_DEPTH or holding a string (value or key) with a lone surrogate."""
+    stack: list[tuple[object, str, int]] = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise bad_request(
+                    f"'{path}' is not valid Unicode text (it holds a lone surrogate code point, e.g. \\ud800)",
+                    path,
+                    "invalid_encoding",
+                )
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_DEPTH:
+            raise bad_request(
+                f"the request body nests deeper than {MAX_DEPTH} levels (at '{path}')", path, "invalid_json"
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                if _SURROGATE.search(key):
+                    raise bad_request(
+                        f"a key of '{path or 'the body'}' is not valid Unicode text", path or None, "invalid_encoding"
+                    )
+                stack.append((item, where[:100], depth + 1))
+        else:
+            stack.extend((item, f"{path}[{i}]"[:100], depth + 1) for i, item in enumerate(value))
 
 
 def _present(body: dict, name: str) -> bool:
@@ -144,6 +183,8 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise bad_request(f"'stop' takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
     if any(s == "" for s in stops):
         raise bad_request("'stop' strings must not be empty", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(f"'stop' strings must be at most {MAX_STOP_CHARS} characters", "stop")
     return tuple(stops)
 
 
@@ -205,7 +246,10 @@ def _stream(body: dict) -> tuple[bool, bool]:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
     if not isinstance(options, dict):
         raise wrong_type("stream_options", "an object", options)
-    return stream, _bool(options, "include_usage")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise wrong_type("stream_options.include_usage", "a boolean", include_usage)
+    return stream, bool(include_usage)
 
 
 def _content(message: dict, i: int) -> str:
@@ -221,7 +265,7 @@ def _content(message: dict, i: int) -> str:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise wrong_type(f"{param}[{j}]", "a content part object with a 'type'", part)
             if part["type"] != "text":
-                raise unsupported(f"{param}[{j}].type", f"text content only, got {part['type']!r}")
+                raise unsupported(f"{param}[{j}].type", f"text content only, got {echo(part['type'])}")
             if not isinstance(part.get("text"), str):
                 raise wrong_type(f"{param}[{j}].text", "a string", part.get("text"))
             texts.append(part["text"])
@@ -249,7 +293,7 @@ def parse_messages(value) -> list[dict]:
             if role in ("tool", "function"):
                 raise unsupported(f"messages[{i}].role", "no tool or function messages")
             raise bad_request(
-                f"'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"messages[{i}].role"
+                f"'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}, got {echo(role)}", f"messages[{i}].role"
             )
         if message.get("tool_calls"):
             raise unsupported(f"messages[{i}].tool_calls", "no tool calling")
@@ -275,20 +319,21 @@ def parse_completion(body: dict, served: tuple[str, ...], limits: Limits) -> Com
 
 
 def _prompt(value, limits: Limits) -> str | list[int]:
+    """The documented shapes only: a string, a list of token ids, or a list holding one of those."""
     if value is None:
         raise missing("prompt")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one
+    elif isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
+        raise unsupported("prompt", "one prompt per request (no batches)")
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        return _prompt(value[0], limits)  # a batch of one
     if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         vocab = limits.vocab_size
         bad = [t for t in value if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise bad_request(f"'prompt' has token ids outside the vocabulary [0, {vocab}): {bad[:5]}", "prompt")
         return list(value)
-    if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
-        raise unsupported("prompt", "one prompt per request (no batches)")
     raise wrong_type("prompt", "a string, a list of token ids, or a list with one of those", value)
 
 
@@ -362,20 +407,3 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict, fingerp
         "choices": [],
         "usage": use,
     }
-
-
-def check_prompt_size(n_tokens: int, limit: int, param: str) -> None:
-    if n_tokens > limit:
-        raise _too_long(f"the prompt has {n_tokens} tokens", limit, param)
-
-
-def check_prompt_chars(text: str, limit: int, longest_token: int, param: str) -> None:
-    """Refuse before tokenizing a text too long for `limit` tokens even if every token spelled `longest_token`
-    characters (so an oversized prompt costs no tokenization)."""
-    if len(text) > limit * longest_token:
-        raise _too_long(f"the prompt has {len(text)} characters, more than {limit} tokens can spell", limit, param)
-
-
-def _too_long(what: str, limit: int, param: str) -> APIError:
-    message = f"{what}; this server accepts at most {limit} prompt tokens (--max-prompt-tokens)"
-    return APIError(400, message, "invalid_request_error", param, "prompt_too_long")

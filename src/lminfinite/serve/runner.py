@@ -1,7 +1,13 @@
-"""Running the server: `load(...)` (model + LM-Infinite + app), `ServerThread` (uvicorn in a thread).
+"""Running the server: `load(...)` (model + LM-Infinite + app), `make_server(app)` (uvicorn with the
+connection guard and a graceful drain), `ServerThread` (that server in a thread).
 
-`ServerThread` is what the tests and `benchmarks/serve_load.py` use: a real uvicorn server on
-127.0.0.1 and a free port, started and stopped in-process.
+`make_server` is what `lminfinite serve` runs; `ServerThread` is what the tests and the benchmarks use: a
+real uvicorn server on 127.0.0.1 and a free port, started and stopped in-process.
+
+Shutdown (SIGTERM, Ctrl-C, `ServerThread.stop()`): uvicorn stops accepting connections and waits up to
+`shutdown_grace` seconds for the open requests; `Server.shutdown` first tells the model worker to drain,
+so that every request still running shortly before that grace period ends is finished with a 503 error
+(a stream gets an error event and `[DONE]`) instead of being cut off.
 """
 
 from __future__ import annotations
@@ -44,16 +50,49 @@ def served_name(model: str) -> str:
     return path.stem if path.suffix in (".bin", ".gguf") or path.is_dir() else model
 
 
+def drain_seconds(grace: float) -> float:
+    """How long open requests run on after a shutdown begins: most of the grace period, leaving the rest (at
+    least 1 s when the grace allows 2) to send their final events."""
+    return max(0.5 * grace, grace - 2.0)
+
+
+def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **uvicorn_options):
+    """A uvicorn server for an app of `create_app`: its limits (`app.state.config`: read timeout, open
+    connections, shutdown grace) applied, and the model worker drained when a shutdown begins."""
+    import uvicorn
+
+    from .connections import guarded_protocol
+
+    config, metrics = app.state.config, app.state.metrics
+    protocol = guarded_protocol(
+        config.read_timeout, config.max_connections, metrics.read_timeouts.inc, metrics.refused_connections.inc
+    )
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.scheduler.drain(drain_seconds(config.shutdown_grace))
+            await super().shutdown(sockets)
+
+    return Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="on",
+            http=protocol,
+            timeout_graceful_shutdown=config.shutdown_grace,  # seconds (uvicorn's type says int; a float works)
+            **uvicorn_options,
+        )
+    )
+
+
 class ServerThread:
-    """uvicorn serving `app` on `host`:`port` (0: a free port) in a daemon thread."""
+    """uvicorn serving `app` on `host`:`port` (0: a free port) in a daemon thread (`make_server`)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
         self.app = app
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
-        )
+        self.server = make_server(app, host, port, log_level)
         self.thread = threading.Thread(target=self.server.run, name="lminfinite-uvicorn", daemon=True)
         self.host = host
         self.port = port

@@ -10,9 +10,11 @@ window at its own positions), and the library has no operation that stacks separ
 left-padded batch and splits them again, so one forward serves one request. (Batching them would be the
 next speed-up, above all on a GPU.)
 
-Admission (`try_admit`) bounds the requests in flight (queued or running) by `max_concurrency`; the
-HTTP layer answers 429 beyond it. A request stops `--request-timeout` seconds after it arrived or when its
-`cancel` event is set (the client went away); its slot is freed as soon as the worker retires it.
+Admission (`try_admit`) bounds the requests in flight (admitted: being tokenized, queued or running) by
+`max_concurrency`; the HTTP layer asks for a slot before it tokenizes a prompt and answers 429 beyond it.
+A request stops `--request-timeout` seconds after it arrived or when its `cancel` event is set (the client
+went away), at its next step; its slot is freed as soon as the worker retires it. `drain(seconds)` (a
+shutdown) refuses new requests and ends those still running after `seconds` with a 503 error event.
 Events go back to the request's asyncio queue through `loop.call_soon_threadsafe`.
 """
 
@@ -25,14 +27,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..decoding import IncrementalDecoder, Sampler, Sampling, stop_token_ids
 from . import errors
 from .metrics import Metrics
 from .protocol import GenParams
 from .sessions import Session, SessionStore
-from .templates import IncrementalDecoder, Prompt, StopMatcher
+from .templates import Prompt, StopMatcher
 
 log = logging.getLogger("lminfinite.serve")
 
@@ -41,7 +45,7 @@ log = logging.getLogger("lminfinite.serve")
 class Event:
     """What the worker sends to a request: a text `delta`, then `done` (or `error`)."""
 
-    kind: str  # "delta", "done", "error"
+    kind: str  # "delta", "done", "error" (and "gone": the client went away, sent by the HTTP layer itself)
     text: str = ""
     finish_reason: str | None = None
     usage: dict | None = None
@@ -58,6 +62,7 @@ class Job:
     timeout_s: float  # from arrival to the end
     arrival: float = field(default_factory=time.perf_counter)  # when the request came in (perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
+    events: Any = None  # the request's asyncio.Queue of Events (the HTTP layer's)
     # worker state
     phase: str = "new"  # new, prefill, decode, done
     session: Session | None = None
@@ -71,7 +76,7 @@ class Job:
     decoder: IncrementalDecoder | None = None
     stopper: StopMatcher | None = None
     content: str = ""
-    generator: torch.Generator | None = None
+    sampler: Sampler | None = None
     t_prefill: float = 0.0
     t_first: float | None = None
     t_last: float | None = None
@@ -91,6 +96,11 @@ class Engine:
         self._cache_type = lminfinite.LambdaCache
         self.stop_ids = frozenset(stop_token_ids(model, tokenizer))
 
+    @staticmethod
+    def sampler(params: GenParams, generator: torch.Generator) -> Sampler:
+        """The library's sampler for a request's settings (temperature 0: greedy)."""
+        return Sampler(Sampling.from_temperature(params.temperature, params.top_p), generator)
+
     def new_cache(self):
         return self._cache_type.for_model(self.model)
 
@@ -100,40 +110,6 @@ class Engine:
             x = torch.tensor([ids], dtype=torch.long, device=self.device)
             out = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
             return out.logits[0, -1].float()
-
-
-# End-of-turn markers of common chat templates: a stop token when the model's template writes it.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eot|>")
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-turn ids: the tokenizer's EOS, the generation config's eos_token_id (int or list), and the
-    end-of-turn marker tokens that the chat template writes."""
-    ids = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str):
-        vocab = tokenizer.get_vocab()
-        ids.update(vocab[marker] for marker in END_OF_TURN if marker in template and marker in vocab)
-    return ids
-
-
-def pick(logits: torch.Tensor, params: GenParams, generator: torch.Generator | None) -> int:
-    """Greedy when temperature is 0, else sampling with temperature and nucleus (top_p)."""
-    if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest set reaching top_p (at least one)
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Scheduler:
@@ -156,6 +132,7 @@ class Scheduler:
         self._slots = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._drain_at: float | None = None  # perf_counter time after which running requests end (shutdown)
         self._thread = threading.Thread(target=self._run, name="lminfinite-model-worker", daemon=True)
 
     # ---------------------------------------------------------------------------------- other threads
@@ -176,9 +153,18 @@ class Scheduler:
     def in_flight(self) -> int:
         return self._slots
 
+    @property
+    def draining(self) -> bool:
+        return self._drain_at is not None
+
+    def drain(self, seconds: float) -> None:
+        """A shutdown begins: admit nothing more; requests still running `seconds` from now end with a 503."""
+        with self._lock:
+            self._drain_at = time.perf_counter() + seconds
+
     def try_admit(self) -> bool:
         with self._lock:
-            if self._slots >= self.max_concurrency:
+            if self._slots >= self.max_concurrency or self._drain_at is not None:
                 return False
             self._slots += 1
             return True
@@ -207,7 +193,7 @@ class Scheduler:
                     self._fail(job, errors.server_error())
                 self._active = []
         for job in self._active + self._drain():
-            self._fail(job, errors.unavailable("the server is shutting down"))
+            self._fail(job, errors.shutting_down())
 
     def _drain(self) -> list[Job]:
         jobs = []
@@ -229,10 +215,13 @@ class Scheduler:
         if job.cancel.is_set():
             self.metrics.disconnects.inc()
             return self._retire(job, "cancelled")
-        if time.perf_counter() - job.arrival > job.timeout_s:
+        now = time.perf_counter()
+        if now - job.arrival > job.timeout_s:
             self.metrics.timeouts.inc()
             self._retire(job, "timeout")
             return self._send(job, Event("error", error=errors.timeout(job.timeout_s)))
+        if self._drain_at is not None and now > self._drain_at:
+            return self._fail(job, errors.shutting_down())
         try:
             if job.phase == "new":
                 self._begin(job)
@@ -266,7 +255,7 @@ class Scheduler:
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         self.metrics.reused_tokens.inc(job.reused)
         seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)
-        job.generator = torch.Generator().manual_seed(seed % 2**63)
+        job.sampler = self.engine.sampler(job.params, torch.Generator().manual_seed(seed % 2**63))
         job.decoder = IncrementalDecoder(self.engine.tokenizer, job.prompt.ids[-6:])
         job.stopper = StopMatcher(job.params.stop)
         job.phase = "prefill"
@@ -286,7 +275,7 @@ class Scheduler:
         self._emit_token(job, logits)
 
     def _emit_token(self, job: Job, logits: torch.Tensor) -> None:
-        token = pick(logits, job.params, job.generator)
+        token = int(job.sampler(logits))
         now = time.perf_counter()
         if job.t_first is None:
             job.t_first = now

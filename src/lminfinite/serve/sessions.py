@@ -16,8 +16,11 @@ Look-up for a prompt (ids `P`, text `T`), among the idle sessions of the same ke
 3. otherwise a new session and a fresh chunked prefill.
 
 All of this runs on the model worker thread only (no locks). A session in use is `busy` and is never
-matched or evicted; idle sessions go least-recently-used first when there are more than
-`max_sessions` or their caches pass `max_cache_bytes`.
+matched or evicted. Limits: each key (namespace) may keep at most `key_sessions` sessions and
+`key_cache_bytes` of caches; past them its own idle sessions go, least recently used first, so one key
+cannot push out another's. Then the totals (`max_sessions`, `max_cache_bytes`): idle sessions go least
+recently used first, whatever their key (with the per-key limits at the totals shared evenly, the
+default, the totals only bind when sessions are busy).
 """
 
 from __future__ import annotations
@@ -92,10 +95,19 @@ class Match:
 
 
 class SessionStore:
-    """Sessions per namespace (a hash of the API key), LRU order, count and memory limits."""
+    """Sessions per namespace (a hash of the API key), LRU order, count and memory limits per namespace and in
+    all (`key_sessions`, `key_cache_bytes`: None for no per-namespace limit)."""
 
-    def __init__(self, max_sessions: int, max_cache_bytes: int, on_evict=None):
+    def __init__(
+        self,
+        max_sessions: int,
+        max_cache_bytes: int,
+        on_evict=None,
+        key_sessions: int | None = None,
+        key_cache_bytes: int | None = None,
+    ):
         self.max_sessions, self.max_cache_bytes = max_sessions, max_cache_bytes
+        self.key_sessions, self.key_cache_bytes = key_sessions, key_cache_bytes
         self._sessions: OrderedDict[int, Session] = OrderedDict()  # least recently used first
         self._ids = itertools.count(1)
         self.on_evict = on_evict or (lambda reason: None)
@@ -103,8 +115,8 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def cache_bytes(self) -> int:
-        return sum(s.bytes for s in list(self._sessions.values()))
+    def cache_bytes(self, namespace: str | None = None) -> int:
+        return sum(s.bytes for s in self.sessions(namespace))
 
     def sessions(self, namespace: str | None = None) -> list[Session]:
         return [s for s in list(self._sessions.values()) if namespace is None or s.namespace == namespace]
@@ -148,7 +160,7 @@ class SessionStore:
     def create(self, namespace: str, cache) -> Session:
         s = Session(next(self._ids), namespace, cache, busy=True, bytes=int(cache.memory_bytes()))
         self._sessions[s.id] = s
-        self.evict()
+        self.evict(namespace)
         return s
 
     # -------------------------------------------------------------------------------------------- release
@@ -163,22 +175,39 @@ class SessionStore:
             return
         if s.id in self._sessions:
             self._sessions.move_to_end(s.id)
-        self.evict()
+        self.evict(s.namespace)
 
     def drop(self, s: Session, reason: str = "error") -> None:
         if self._sessions.pop(s.id, None) is not None:
             self.on_evict(reason)
 
-    def evict(self) -> None:
-        """Drop idle sessions, least recently used first, until both limits hold (busy ones stay)."""
+    def evict(self, namespace: str | None = None) -> None:
+        """Drop idle sessions, least recently used first (busy ones stay): `namespace`'s own until it is within
+        its limits, then any until the totals hold."""
+        count, size = self.key_sessions, self.key_cache_bytes
+        if namespace is not None and (count is not None or size is not None):
+            self._evict_while(
+                lambda: count is not None and len(self.sessions(namespace)) > count,
+                lambda: size is not None and self.cache_bytes(namespace) > size,
+                "key_sessions",
+                "key_memory",
+                namespace,
+            )
+        self._evict_while(
+            lambda: len(self._sessions) > self.max_sessions,
+            lambda: self.cache_bytes() > self.max_cache_bytes,
+            "max_sessions",
+            "memory",
+        )
+
+    def _evict_while(self, over_count, over_memory, count_reason: str, memory_reason: str, namespace=None) -> None:
         for s in list(self._sessions.values()):
-            over_count = len(self._sessions) > self.max_sessions
-            over_memory = self.cache_bytes() > self.max_cache_bytes
-            if not (over_count or over_memory):
+            by_count, by_memory = over_count(), over_memory()
+            if not (by_count or by_memory):
                 return
-            if not s.busy:
+            if not s.busy and (namespace is None or s.namespace == namespace):
                 del self._sessions[s.id]
-                self.on_evict("max_sessions" if over_count else "memory")
+                self.on_evict(count_reason if by_count else memory_reason)
 
     def update_bytes(self, s: Session) -> None:
         s.bytes = int(s.cache.memory_bytes())

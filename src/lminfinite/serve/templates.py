@@ -13,9 +13,9 @@ the tokenizer's BOS:
                                 with the space the model wrote after "Assistant:")
     Assistant:                  the generation prompt
 
-`IncrementalDecoder` turns generated ids into text pieces exactly as they read after the prompt (a
-piece is held back while it ends inside a UTF-8 character); `StopMatcher` cuts the text at the first
-stop string and holds back a tail that could start one.
+Generated ids become text through the library's `lminfinite.decoding.IncrementalDecoder` (the text as it
+reads after the prompt); `StopMatcher` cuts that text at the first stop string and holds back a tail that
+could start one.
 """
 
 from __future__ import annotations
@@ -100,6 +100,49 @@ def longest_token_chars(tokenizer) -> int:
         return 64
 
 
+PIECE_CHARS = 4096  # characters tokenized at a time when a long text is counted before it is tokenized whole
+PIECE_SLACK = 8  # tokens a cut between two pieces may add (a SentencePiece dummy prefix) or save (a merge)
+
+
+def check_token_budget(tokenizer, text: str, limit: int, param: str) -> None:
+    """Refuse (400 `prompt_too_long`) a text that certainly has more than `limit` tokens, having tokenized only
+    about `limit` tokens' worth of it: a long text is counted piece by piece (cut before a space where there is
+    one) and refused as soon as the pieces' tokens, less `PIECE_SLACK` per cut, pass the limit. A text that
+    passes is tokenized whole afterwards, at a cost bounded by about `limit` tokens; the exact count is checked
+    on those ids. A text of at most `limit` UTF-8 bytes is not counted (no tokenizer makes more tokens than
+    bytes, special tokens aside)."""
+    if len(text) * 4 <= limit or len(text.encode("utf-8", "surrogatepass")) <= limit:
+        return
+    total = pieces = start = 0
+    while start < len(text):
+        end = min(len(text), start + PIECE_CHARS)
+        if end < len(text):
+            space = text.rfind(" ", max(start + 1, end - 256), end)
+            end = space if space > start else end
+        total += len(tokenizer.encode(text[start:end], add_special_tokens=False))
+        pieces += 1
+        start = end
+        if total - PIECE_SLACK * pieces > limit:
+            raise too_long(f"the prompt has more than {limit} tokens", limit, param)
+
+
+def check_prompt_chars(text: str, limit: int, longest_token: int, param: str) -> None:
+    """Refuse before tokenizing a text too long for `limit` tokens even if every token spelled `longest_token`
+    characters (so an oversized prompt costs no tokenization)."""
+    if len(text) > limit * longest_token:
+        raise too_long(f"the prompt has {len(text)} characters, more than {limit} tokens can spell", limit, param)
+
+
+def check_prompt_size(n_tokens: int, limit: int, param: str) -> None:
+    if n_tokens > limit:
+        raise too_long(f"the prompt has {n_tokens} tokens", limit, param)
+
+
+def too_long(what: str, limit: int, param: str) -> APIError:
+    message = f"{what}; this server accepts at most {limit} prompt tokens (--max-prompt-tokens)"
+    return APIError(400, message, "invalid_request_error", param, "prompt_too_long")
+
+
 def chat_prompt(tokenizer, messages: list[dict], check: Callable[[str], None] | None = None) -> Prompt:
     """Render and tokenize chat messages the way the server does (`check(text)` may refuse the text first)."""
     text = render_chat(tokenizer, messages)
@@ -123,66 +166,54 @@ def completion_prompt(tokenizer, prompt: str | list[int], check: Callable[[str],
     return prompt_
 
 
-def _decode(tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
-class IncrementalDecoder:
-    """Text of generated ids as it reads after `context` (the prompt's last ids), one piece per token.
-
-    Decodes a short sliding window (as vLLM does), so each token costs O(1); a piece that ends inside a
-    multi-byte character (U+FFFD) waits for the next token.
-    """
-
-    def __init__(self, tokenizer, context: list[int]):
-        self.tokenizer = tokenizer
-        self.ids = list(context[-6:])
-        self.prefix_offset, self.read_offset = 0, len(self.ids)
-        self.text = ""  # every piece returned so far
-
-    def add(self, token: int) -> str:
-        self.ids.append(int(token))
-        return self._advance(final=False)
-
-    def flush(self) -> str:
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        prefix = _decode(self.tokenizer, self.ids[self.prefix_offset : self.read_offset])
-        full = _decode(self.tokenizer, self.ids[self.prefix_offset :])
-        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
-            return ""
-        piece = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self.text += piece
-        return piece
+def _failure(stop: str) -> list[int]:
+    """KMP failure table: fail[i] is the length of the longest proper prefix of stop[: i + 1] that is also a
+    suffix of it."""
+    fail, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 class StopMatcher:
-    """Cuts streamed text at the first of the `stops` strings; holds back a tail that may begin one."""
+    """Cuts streamed text at the first of the `stops` strings; holds back a tail that may begin one.
+
+    Each stop string has a KMP automaton over the stream, whose state is the longest prefix of the stop that
+    the text ends with: what is held back is the longest such prefix, so every character costs O(1) per stop
+    (amortized), whatever the stop strings' length."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
         self.pending = ""
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
         if not self.stops:
             return piece, False
-        text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[: min(hits)], True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        self.pending = text[len(text) - hold :]
+        text, base = self.pending + piece, len(self.pending)
+        for j, c in enumerate(piece):
+            for i, stop in enumerate(self.stops):
+                k, fail = self._state[i], self._fail[i]
+                while k and stop[k] != c:
+                    k = fail[k - 1]
+                if stop[k] == c:
+                    k += 1
+                if k == len(stop):  # a stop ends here: the answer ends before the first stop in the text so far
+                    head = text[: base + j + 1]
+                    self.pending, self._state = "", [0] * len(self.stops)
+                    return head[: min(p for p in (head.find(s) for s in self.stops) if p >= 0)], True
+                self._state[i] = k
+        hold = max(self._state)
+        self.pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold], False
 
     def flush(self) -> str:
         text, self.pending = self.pending, ""
+        self._state = [0] * len(self.stops)
         return text
