@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import logits
 
 from lminfinite.models import gguf as gguf_mod
 from lminfinite.models import hub, load_model
@@ -96,11 +97,6 @@ def tiny(tmp_path) -> Path:
     return write_tiny_gguf(tmp_path / "models" / "tiny.gguf")
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("LMINFINITE_CACHE", str(tmp_path / "c"))
     assert gguf_mod.cache_dir() == tmp_path / "c"
@@ -131,7 +127,7 @@ def test_second_load_uses_the_cache(tiny, cache):
     again, tokenizer2 = load_model(str(tiny))
     assert gguf_mod.dequantized == before + 1  # not dequantized again
     ids = torch.randint(3, 64, (1, 20))
-    torch.testing.assert_close(_logits(again, ids), _logits(model, ids), atol=0, rtol=0)
+    torch.testing.assert_close(logits(again, ids), logits(model, ids), atol=0, rtol=0)
     # the tokenizer with its chat template, left padding and a pad token
     assert tokenizer2.chat_template == TEMPLATE
     assert tokenizer2.padding_side == "left" and tokenizer2.pad_token is not None
@@ -151,7 +147,7 @@ def test_cached_model_equals_transformers_own_gguf_load(tiny, cache):
     load_model(str(tiny))
     cached, _ = load_model(str(tiny))
     ids = torch.randint(3, 64, (2, 30))
-    torch.testing.assert_close(_logits(cached, ids), _logits(direct, ids), atol=0, rtol=0)
+    torch.testing.assert_close(logits(cached, ids), logits(direct, ids), atol=0, rtol=0)
     half, _ = load_model(str(tiny), dtype="bfloat16")
     assert next(half.parameters()).dtype == torch.bfloat16
 
@@ -332,7 +328,7 @@ def test_real_gguf_first_load_then_cached(cache, tmp_path):
     assert type(again).__name__ == "LlamaForCausalLM" and again.config.max_position_embeddings == 8192
     assert "<|im_start|>" in tokenizer2.chat_template
     ids = torch.randint(0, 49152, (1, 16))
-    torch.testing.assert_close(_logits(again, ids), _logits(model, ids), atol=0, rtol=0)
+    torch.testing.assert_close(logits(again, ids), logits(model, ids), atol=0, rtol=0)
 
 
 @pytest.mark.slow

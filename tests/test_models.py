@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import logits, tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import lminfinite
@@ -36,11 +36,6 @@ def _scaled_model(kind, dtype=torch.float32):
     return tiny_model("llama", dtype=dtype, rope_parameters=rope, max_position_embeddings=max_pos)
 
 
-def _logits(model, ids, mask=None):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_left_padded_batch_equals_rows_alone(family):
     model = tiny_model(family)
@@ -53,10 +48,10 @@ def test_left_padded_batch_equals_rows_alone(family):
     for b, r in enumerate(rows):
         ids[b, T - r.shape[1] :] = r
         mask[b, T - r.shape[1] :] = 1
-    batched = _logits(model, ids, mask)
+    batched = logits(model, ids, attention_mask=mask)
     assert torch.isfinite(batched).all()
     for b, r in enumerate(rows):
-        alone = _logits(model, r)
+        alone = logits(model, r)
         torch.testing.assert_close(batched[b, T - r.shape[1] :], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -67,9 +62,9 @@ def test_short_padded_batch_equals_unmodified_rows():
     mask = torch.zeros(2, 32, dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, 32 - r.shape[1] :], mask[b, 32 - r.shape[1] :] = r, 1
-    refs = [_logits(model, r)[0] for r in rows]
+    refs = [logits(model, r)[0] for r in rows]
     lminfinite.enable(model, n_global=4)
-    out = _logits(model, ids, mask)
+    out = logits(model, ids, attention_mask=mask)
     for b, r in enumerate(rows):
         torch.testing.assert_close(out[b, 32 - r.shape[1] :], refs[b], atol=1e-5, rtol=1e-5)
 
@@ -78,15 +73,15 @@ def test_short_padded_batch_equals_unmodified_rows():
 def test_rope_scaling_variants(kind):
     model = _scaled_model(kind)
     ids = torch.randint(0, 101, (1, 32))
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     lminfinite.enable(model, n_global=4)
     assert model._lminfinite.config.n_local == 32  # original pretraining length where declared
-    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, ids), ref, atol=1e-5, rtol=0)
     long_ids = torch.randint(0, 101, (1, 200))
     lminfinite.enable(model, n_global=4, backend="naive")
-    ref_long = _logits(model, long_ids)
+    ref_long = logits(model, long_ids)
     lminfinite.enable(model, n_global=4, backend="torch", block_size=9)
-    torch.testing.assert_close(_logits(model, long_ids), ref_long, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, long_ids), ref_long, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", list(SCALINGS))
@@ -110,9 +105,9 @@ def test_low_precision_models(dtype, atol):
     model = tiny_model("llama", dtype=dtype)
     ids = torch.randint(0, 101, (2, 160))
     lminfinite.enable(model, n_global=4, backend="naive")
-    ref = _logits(model, ids).float()
+    ref = logits(model, ids).float()
     lminfinite.enable(model, n_global=4, backend="torch", block_size=11)
-    out = _logits(model, ids)
+    out = logits(model, ids)
     assert out.dtype == dtype and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
 
@@ -121,7 +116,7 @@ def test_dynamic_rope_keeps_original_frequencies_beyond_L():
     model = _scaled_model("dynamic")
     original = model.model.rotary_emb.original_inv_freq.clone()
     lminfinite.enable(model, n_global=4)
-    _logits(model, torch.randint(0, 101, (1, 150)))
+    logits(model, torch.randint(0, 101, (1, 150)))
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, original)
 
 
@@ -173,7 +168,7 @@ def test_limit_distance_beyond_window_warns():
 def test_right_padding_refused():
     model = lminfinite.enable(tiny_model("llama"), n_local=16)
     with pytest.raises(ValueError, match="left padding"):
-        _logits(model, torch.ones(1, 5, dtype=torch.long), torch.tensor([[1, 1, 1, 0, 0]]))
+        logits(model, torch.ones(1, 5, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 0, 0]]))
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -219,6 +214,6 @@ def test_a_batch_whose_rows_all_start_with_one_pad_token_equals_naive():
     mask = torch.ones_like(ids)
     mask[0, 0] = 0
     lminfinite.enable(model, n_global=3, n_local=16, backend="naive")
-    ref = _logits(model, ids, mask)
+    ref = logits(model, ids, attention_mask=mask)
     lminfinite.enable(model, n_global=3, n_local=16)
-    torch.testing.assert_close(_logits(model, ids, mask)[0, 1:], ref[0, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, ids, attention_mask=mask)[0, 1:], ref[0, 1:], atol=1e-5, rtol=1e-5)

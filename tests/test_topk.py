@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_greedy_equals_naive_recomputation, family_model, tiny_model
+from helpers import assert_greedy_equals_naive_recomputation, family_model, logits, tiny_model
 
 import lminfinite
 from lminfinite import LambdaCache, LambdaConfig
@@ -22,11 +22,6 @@ def _ids(n, seed=0, rows=1):
     return torch.randint(3, 101, (rows, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False, **kwargs).logits
-
-
 MODELS = {"llama": lambda: tiny_model("llama"), "mpt": lambda: family_model("mpt")}
 
 
@@ -36,7 +31,7 @@ def test_cached_feeding_equals_naive_one_forward(name, chunk):
     model = MODELS[name]()
     ids = _ids(12 * L)
     lminfinite.enable(model, n_global=G, n_local=L, top_k=K, top_k_from_layer=1, backend="naive")
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     lminfinite.enable(model, n_global=G, n_local=L, top_k=K, top_k_from_layer=1)
     cache = LambdaCache.for_model(model)
     assert cache.keep_middle
@@ -59,9 +54,9 @@ def test_left_padded_batch_equals_naive():
     mask = torch.ones_like(ids)
     mask[1, :13] = 0
     lminfinite.enable(model, n_global=G, n_local=L, top_k=K, backend="naive")
-    ref = _logits(model, ids, attention_mask=mask)
+    ref = logits(model, ids, attention_mask=mask)
     lminfinite.enable(model, n_global=G, n_local=L, top_k=K)
-    out = _logits(model, ids, attention_mask=mask)
+    out = logits(model, ids, attention_mask=mask)
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=1e-4)
 
 
@@ -110,7 +105,7 @@ def test_left_padded_batch_through_the_cache_equals_naive():
     mask = torch.ones_like(ids)
     mask[1, :13], mask[2, :5] = 0, 0
     lminfinite.enable(model, n_global=G, n_local=L, top_k=K, backend="naive")
-    ref = _logits(model, ids, attention_mask=mask)
+    ref = logits(model, ids, attention_mask=mask)
     lminfinite.enable(model, n_global=G, n_local=L, top_k=K)
     cache = LambdaCache.for_model(model)
     with torch.no_grad():
@@ -150,7 +145,7 @@ def test_crop_rolls_back_decoded_tokens():
         cache.crop(-5)
         out = torch.cat([model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(3 * L - 5, 4 * L)], 1)
     lminfinite.enable(model, n_global=G, n_local=L, top_k=K, backend="naive")
-    ref = _logits(model, ids)[:, 3 * L - 5 :]
+    ref = logits(model, ids)[:, 3 * L - 5 :]
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
