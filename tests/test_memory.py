@@ -14,9 +14,12 @@ import math
 
 import pytest
 import torch
+from helpers import assert_greedy_equals_naive_recomputation, family_model, ids, left_padded, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import lminfinite
+from lminfinite import LambdaCache, LambdaConfig
 from lminfinite.kernels import memory as kmem
 from lminfinite.kernels.score_mod import ScoreMod
 from lminfinite.memory import BlockMemory, BlockStore, choose, chunks_of, summarise
@@ -459,3 +462,215 @@ def test_memory_value_checks_shapes():
         kmem.Memory(k, torch.zeros(1, 2, 3, 5, 5), torch.zeros(1, 3), torch.zeros(1, 1, 1, 1), torch.zeros(1, 1))
     with pytest.raises(ValueError, match="chosen blocks"):
         kmem.Memory(k, k, torch.zeros(1, 3), torch.zeros(1, 3, 1, 1), torch.zeros(1, 1))
+
+
+# ------------------------------------------------------------------------------------------- the model level
+
+GM, LM = 2, 8  # n_global, n_local of the model-level tests
+MEM = BlockMemory(block_size=4, representatives=2, blocks=2, chunk=1)  # one choice per query: any split agrees
+MODELS = {"llama": lambda: tiny_model("llama", max_position_embeddings=64), "mpt": lambda: family_model("mpt")}
+
+
+def _model_logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False, **kwargs).logits
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_model_with_memory_equals_the_naive_reference(name, backend):
+    model = MODELS[name]()
+    x = ids(12 * LM, seed=1)
+    lminfinite.enable(model, n_global=GM, n_local=LM, memory=MEM, backend="naive")
+    ref = _model_logits(model, x)
+    lminfinite.enable(model, n_global=GM, n_local=LM, memory=MEM, backend=backend)
+    torch.testing.assert_close(_model_logits(model, x), ref, atol=1e-4, rtol=1e-4)
+    lminfinite.enable(model, n_global=GM, n_local=LM)
+    plain = _model_logits(model, x)
+    torch.testing.assert_close(plain[:, : GM + LM], ref[:, : GM + LM], atol=1e-5, rtol=0)  # no block reached yet
+    assert (plain - ref).abs().max() > 1e-3  # memory changes what follows
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("chunk", [1, 7, 3 * LM])
+def test_cached_feeding_equals_one_naive_forward(name, chunk):
+    model = MODELS[name]()
+    x = ids(12 * LM, seed=2)
+    lminfinite.enable(model, n_global=GM, n_local=LM, memory=MEM, backend="naive")
+    ref = _model_logits(model, x)
+    lminfinite.enable(model, n_global=GM, n_local=LM, memory=MEM)
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        out = torch.cat(
+            [model(input_ids=x[:, s : s + chunk], cache=cache).logits for s in range(0, x.shape[1], chunk)], 1
+        )
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # The window part stays bounded; the middle is in the stores, in blocks.
+    assert cache.layers[0].keys.shape[-2] <= GM + LM - 1
+    store = cache.lambda_layers[0].store
+    assert store is not None and int(store.formed[0]) == (x.shape[1] - LM - GM) // 4 + 1
+
+
+def test_prefill_chunks_on_chunk_boundaries_equal_one_forward():
+    """With prefill chunks of several queries, a forward split on chunk boundaries chooses the same blocks."""
+    memory = BlockMemory(block_size=4, representatives=2, blocks=2)  # chunk = block_size = 4
+    model = MODELS["llama"]()
+    x = ids(16 * LM, seed=3)
+    lminfinite.enable(model, n_global=GM, n_local=LM, memory=memory)
+    ref = _model_logits(model, x)
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        out = torch.cat([model(input_ids=x[:, s : s + 12], cache=cache).logits for s in range(0, x.shape[1], 12)], 1)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_block_chosen_equals_top_k_of_every_middle_key(name):
+    """Blocks covering the whole middle: the output is LM-Infinite with every middle key at distance D (the
+    naive reference of top-k with k = every middle key), so the choice is the only approximation."""
+    model = MODELS[name]()
+    x = ids(10 * LM, seed=4)
+    lminfinite.enable(model, n_global=GM, n_local=LM, top_k=10 * LM, backend="naive")
+    ref = _model_logits(model, x)
+    every = BlockMemory(block_size=4, representatives=2, blocks=10 * LM, chunk=1)
+    for backend in ("naive", "torch"):
+        lminfinite.enable(model, n_global=GM, n_local=LM, memory=every, backend=backend)
+        torch.testing.assert_close(_model_logits(model, x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_equals_naive_recomputation():
+    model = lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, memory=MEM)
+    assert_greedy_equals_naive_recomputation(model, ids(LM + 5, seed=5), 5 * LM, n_global=GM, n_local=LM, memory=MEM)
+
+
+def test_left_padded_batch_equals_its_rows():
+    model = lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, memory=MEM)
+    x, mask = left_padded([9 * LM, 7 * LM, 9 * LM - 3], seed=6)
+    batch = _model_logits(model, x, attention_mask=mask)
+    for r in range(3):
+        n = int(mask[r].sum())
+        alone = _model_logits(model, x[r : r + 1, -n:])
+        torch.testing.assert_close(batch[r, -n:], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_long_stream_keeps_the_hot_part_bounded_and_the_cap_evicts():
+    capped = BlockMemory(block_size=4, representatives=2, blocks=2, max_blocks=5, chunk=1)
+    model = lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, memory=capped)
+    cache = LambdaCache.for_model(model)
+    x = ids(20 * LM, seed=7)
+    with torch.no_grad():
+        for s in range(0, x.shape[1], 5):
+            model(input_ids=x[:, s : s + 5], cache=cache)
+            assert all(layer.keys.shape[-2] <= GM + LM - 1 for layer in cache.lambda_layers)
+            assert all(layer.store is None or layer.store.slots <= 5 for layer in cache.lambda_layers)
+    store = cache.lambda_layers[1].store
+    formed = (x.shape[1] - LM - GM) // 4 + 1
+    assert int(store.formed[0]) == formed and int(store.evicted[0]) == formed - 5
+    assert int((store.first >= 0).sum()) == 5
+    # Bytes: the stores' keys, values and representatives at BlockMemory.bytes_per_token, plus bookkeeping.
+    cfg = model.config
+    per_token = capped.bytes_per_token(cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    slots = sum(layer.store.slots for layer in cache.lambda_layers)
+    assert cache.store_bytes() == pytest.approx(per_token * 4 * slots + slots * 16)
+    assert cache.store_tokens() == 2 * 5 * 4
+    # The uncapped store keeps every block: what it costs grows with the stream, the window does not.
+    model = lminfinite.enable(model, n_global=GM, n_local=LM, memory=MEM)
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        model(input_ids=x, cache=cache)
+    assert cache.store_tokens() == 2 * formed * 4
+    assert cache.layers[0].keys.shape[-2] == GM + LM - 1
+
+
+def test_memory_in_some_layers_only():
+    model = MODELS["llama"]()  # 2 layers: memory in layer 1 only
+    x = ids(8 * LM, seed=8)
+    lminfinite.enable(model, n_global=GM, n_local=LM)
+    plain = model(input_ids=x, use_cache=False, output_hidden_states=True)
+    lminfinite.enable(
+        model, n_global=GM, n_local=LM, memory=BlockMemory(block_size=4, representatives=2, blocks=2, layers=[1])
+    )
+    mem = model(input_ids=x, use_cache=False, output_hidden_states=True)
+    torch.testing.assert_close(mem.hidden_states[1], plain.hidden_states[1], atol=0, rtol=0)
+    assert (mem.logits - plain.logits).abs().max() > 1e-3
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        model(input_ids=x, cache=cache)
+    assert cache.lambda_layers[0].store is None and cache.lambda_layers[1].store is not None
+
+
+def test_int8_store_is_smaller_and_close():
+    model = MODELS["llama"]()
+    x = ids(10 * LM, seed=9)
+    every = dict(block_size=4, representatives=2, blocks=10 * LM, chunk=1)  # every block: no choice to differ
+    sizes, outs = {}, {}
+    for dtype in ("float32", "int8"):
+        lminfinite.enable(model, n_global=GM, n_local=LM, memory=BlockMemory(dtype=dtype, **every))
+        cache = LambdaCache.for_model(model)
+        with torch.no_grad():
+            outs[dtype] = model(input_ids=x, cache=cache).logits
+        sizes[dtype] = cache.store_bytes()
+    # Same slots in both: each costs block_size tokens at bytes_per_token, plus 16 bytes of bookkeeping (head dim
+    # 8 here, so the int8 scales and the representatives weigh more than with real heads of 64).
+    slot = {d: BlockMemory(dtype=d, **every).bytes_per_token(2, 8) * 4 + 16 for d in sizes}
+    assert sizes["int8"] / sizes["float32"] == pytest.approx(slot["int8"] / slot["float32"])
+    assert sizes["int8"] < 0.6 * sizes["float32"]
+    torch.testing.assert_close(outs["int8"], outs["float32"], atol=0.05, rtol=0)
+    assert (outs["int8"] - outs["float32"]).abs().max() > 0  # really quantized
+
+
+def test_beam_search_and_batch_bookkeeping_carry_the_store():
+    model = lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, memory=MEM)
+    prompt = ids(4 * LM, seed=10)
+    out = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 4 * LM + 6)
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        model(input_ids=ids(4 * LM, seed=11, rows=2), cache=cache)
+    firsts = cache.lambda_layers[0].store.first.clone()
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(cache.lambda_layers[0].store.first, firsts.repeat_interleave(2, 0))
+    cache.batch_select_indices(torch.tensor([3, 0]))
+    assert torch.equal(cache.lambda_layers[0].store.first, firsts[[1, 0]])
+    cache.reset()
+    assert cache.lambda_layers[0].store.first is None and cache.store_bytes() == 0
+
+
+def test_crop_is_possible_until_the_first_block_is_stored():
+    model = lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, memory=MEM)
+    x = ids(GM + LM + 12, seed=12)
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        model(input_ids=x[:, : GM + LM - 1], cache=cache)  # nothing dropped, no block stored yet
+        cache.crop(-3)
+        model(input_ids=x[:, GM + LM - 4 :], cache=cache)  # the first block is stored, columns are dropped
+    assert int(cache.lambda_layers[0].store.formed[0]) > 0
+    with pytest.raises(ValueError, match="cannot roll back"):
+        cache.crop(-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(memory=BlockMemory(block_size=16)), ValueError, "block_size=16 > n_local=8"),
+        (dict(memory=MEM, top_k=2), ValueError, "memory and top_k"),
+        (dict(memory=MEM, sink_positions="own"), ValueError, "sink_positions='zero'"),
+        (dict(memory=BlockMemory(block_size=4, representatives=2, layers=[2])), ValueError, "model has 2 layers"),
+        (dict(memory={"block_size": 4}), TypeError, "memory must be a lminfinite.BlockMemory"),
+    ],
+)
+def test_bad_memory_settings_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, **kwargs)
+
+
+def test_memory_on_a_model_whose_layers_all_keep_their_own_window_is_refused():
+    model = tiny_model("mistral", sliding_window=LM, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="applies to no layer"):
+        lminfinite.enable(model, n_global=GM, n_local=LM, memory=MEM)
+
+
+def test_a_cache_must_match_the_memory_setting():
+    model = lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, memory=MEM)
+    with pytest.raises(ValueError, match="made for memory=None"):
+        model(input_ids=ids(4), cache=LambdaCache(LambdaConfig(n_global=GM, n_local=LM), 2))

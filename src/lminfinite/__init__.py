@@ -8,6 +8,7 @@ fine-tuning, in O(n) time and bounded memory.
 from .api import config_of, disable, enable, is_enabled
 from .cache import LambdaCache
 from .config import LambdaConfig
+from .memory import BlockMemory
 from .scoring import prefill, score
 from .streaming import stream
 
@@ -18,6 +19,7 @@ __all__ = [
     "config_of",
     "LambdaCache",
     "LambdaConfig",
+    "BlockMemory",
     "prefill",
     "score",
     "stream",

@@ -20,6 +20,7 @@ from . import alibi, families
 from .attention import NAME, NAME_VIA_MASK, clear, publish, register
 from .config import STATE_ATTR, LambdaConfig, config_of, pretraining_length
 from .context import LambdaState, guard_generation, make_pre_hook
+from .memory import BlockMemory
 from .plan import build_specs
 from .positions import Alibi, install_rope_hooks, layer_rope
 
@@ -84,6 +85,7 @@ def enable(
     sink_positions: str = "zero",
     top_k: int = 0,
     top_k_from_layer: int = 0,
+    memory: BlockMemory | None = None,
 ) -> PreTrainedModel:
     """Switch `model` to LM-Infinite's Λ-attention in place and return it.
 
@@ -95,6 +97,10 @@ def enable(
     top_k: optional top-k extension (default 0, off): in layers >= `top_k_from_layer` each query also
         attends its `top_k` best-scoring middle tokens, seen at distance D. The cache then keeps every
         token (memory grows with the input) and each query scores every middle token.
+    memory: block memory (`lminfinite.BlockMemory(...)`, default None: off): tokens that leave the window
+        are kept in blocks; each query chunk (or decoded token) also attends the few blocks whose
+        representative keys score best, seen at distance D. What a forward reads stays bounded (starting
+        tokens + window + chosen blocks); the store of blocks grows with the input (see BlockMemory).
     Calling it again reconfigures; training mode is allowed (the kernels are differentiable; attention
     dropout is not applied, so a model training with a non-zero attention dropout is refused).
     """
@@ -116,6 +122,7 @@ def enable(
         sink_positions=sink_positions,
         top_k=top_k,
         top_k_from_layer=top_k_from_layer,
+        memory=memory,
     )
     if is_enabled(model):
         disable(model)
@@ -126,6 +133,8 @@ def enable(
             f"top_k_from_layer={config.top_k_from_layer} but the model has {num_layers} layers "
             "(numbered from 0): no layer would use top-k, yet the cache would keep every token"
         )
+    if config.memory is not None:
+        config.memory.check_layers(num_layers)
     indexed = sorted(((int(getattr(m, "layer_idx")), m) for m in _attention_modules(decoder)), key=lambda t: t[0])  # noqa: B009
     if not indexed:
         raise ValueError(f"found no attention layers in {type(model).__name__}")

@@ -7,7 +7,8 @@ arguments: the forward's `ForwardPlan` (keyword `PLAN_KWARG`, built by the pre-h
 holds this layer's `LayerSpec` (window, starting tokens, distance D, RoPE or ALiBi, top-k, kernel);
 transformers passes the scaling, the softcap and the model's own sliding window. It assembles the
 far keys as one `kernels.common.Far` (queries moved to distance D, starting keys back to position 0,
-the top-k middle), the logit rule as one `ScoreMod`, and calls the layer's kernel.
+the top-k middle, the memory blocks chosen for each query chunk), the logit rule as one `ScoreMod`,
+and calls the layer's kernel.
 ALiBi models reach it through their adapters (`alibi.py`).
 
 The mask function registered for "lm_infinite" returns None: the Λ structure is derived from
@@ -33,8 +34,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .kernels.common import Far, Middle
+from .kernels.common import Far, Memory, Middle
 from .kernels.score_mod import ScoreMod
+from .memory import BlockStore, choose
 from .plan import PLAN_KWARG, ForwardPlan, LayerSpec
 
 NAME = "lm_infinite"  # the plan arrives as a keyword argument
@@ -83,7 +85,8 @@ def far_keys(
     `ScoreMod` gives their biases)."""
     S = plan.n_candidates
     M = plan.n_middle if spec.top_k else 0
-    if S == 0 and M == 0:
+    with_memory = spec.memory is not None and plan.q_idx.numel() > 0 and int(plan.q_idx.max()) >= spec.n_local
+    if S == 0 and M == 0 and not with_memory:
         return None
     device = query.device
     qg, kg, km = query, key[:, :, :S], key[:, :, :M]
@@ -98,7 +101,28 @@ def far_keys(
                 km = torch.cat([key[:, :, :z], moved], dim=2)
     k_idx = plan.k_idx.to(device)
     middle = Middle(km, value[:, :, :M], k_idx[:, :M], spec.top_k) if M > 0 else None
-    return Far(qg, kg, value[:, :, :S], k_idx[:, :S], middle=middle)
+    memory = memory_blocks(plan, spec, qg, key, value) if with_memory else None
+    if S == 0 and middle is None and memory is None:
+        return None
+    return Far(qg, kg, value[:, :, :S], k_idx[:, :S], middle=middle, memory=memory)
+
+
+def memory_blocks(
+    plan: ForwardPlan, spec: LayerSpec, qg: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> Memory | None:
+    """The memory blocks each query chunk of this layer attends (None: nothing stored yet), chosen from the
+    representatives with the queries `qg` at distance D. With a cache, the layer's store (filled by the cache
+    layer); without one, the blocks of this forward's own keys, in a store that lives for this forward."""
+    assert spec.memory is not None
+    store = None if plan.stores is None else plan.stores[spec.layer_idx]
+    if store is None:
+        store = BlockStore(spec.memory, spec.n_global)
+        due = store.due(plan.q_idx, spec.n_local)
+        store.ingest(key, value, plan.k_idx, due, None if spec.sinks else spec.rope, plan.k_pos)
+    if store.first is None:
+        return None
+    choice = choose(store, qg, plan.q_idx.to(store.first.device), spec.n_local)
+    return store.memory_of(choice.chosen, choice.chunk.to(qg.device))
 
 
 def _check_call(module: torch.nn.Module, spec: LayerSpec, plan: ForwardPlan, key: torch.Tensor, kwargs) -> None:

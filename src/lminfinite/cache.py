@@ -9,6 +9,12 @@ keeps the step its own `begin()` returned (`plan.CacheStep`, also in the forward
 layer applies it once in `update()`: a counter of steps per layer tells a forward that was cut short
 (some layers behind the others), so nothing outside the cache sets or clears its fields.
 
+Block memory (`LambdaConfig.memory`). Each layer with memory owns a `memory.BlockStore`. In `update()`,
+before any column is dropped, the layer stores the blocks that have reached the middle of the row's next
+query (`CacheStep.due`), keys brought back to position 0: every column the cache then drops belongs to
+a stored block, so the window part stays bounded while the store keeps the middle in blocks. Attention
+reads the stores through the forward's plan (`ForwardPlan.stores`).
+
 Bounded positions. Keys are stored rotated (RoPE) at model positions `p = t - base`, where `t`
 counts a row's real tokens and `base` is a shared offset. When the next position would pass
 `2 * n_local` (and every row is far enough that its starting tokens are only seen through the
@@ -31,8 +37,9 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .config import LambdaConfig, config_of
+from .memory import BlockStore
 from .plan import CacheLayout, CacheStep, LayerSpec
-from .rule import token_indices
+from .rule import middle_blocks, token_indices
 
 
 def _last_columns(n: int, count: int, device) -> torch.Tensor:
@@ -44,7 +51,8 @@ def _last_columns(n: int, count: int, device) -> torch.Tensor:
 
 
 class LambdaLayer(DynamicLayer):
-    """One layer of a LambdaCache: stores the columns the shared layout keeps."""
+    """One layer of a LambdaCache: stores the columns the shared layout keeps (and, with block memory, owns
+    the layer's block store)."""
 
     is_sliding = False
     is_croppable = False
@@ -53,6 +61,7 @@ class LambdaLayer(DynamicLayer):
         super().__init__()
         self.shared, self.layer_idx = shared, layer_idx
         self.applied = 0  # steps of the cache this layer has applied
+        self.store: BlockStore | None = None  # block memory of this layer (made by the first forward that uses it)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         step = self.shared.step
@@ -64,6 +73,9 @@ class LambdaLayer(DynamicLayer):
         assert keys is not None and values is not None  # initialized above
         full_k = torch.cat([step.move(self.layer_idx, keys), key_states], dim=-2)
         full_v = torch.cat([values, value_states], dim=-2)
+        if self.store is not None and step.due is not None and step.k_idx is not None:
+            rope = step.layers[self.layer_idx].rope
+            self.store.ingest(full_k, full_v, step.k_idx, step.due, rope, step.k_pos)
         keep = step.keep
         if keep is None:
             self.keys, self.values = full_k, full_v
@@ -87,6 +99,8 @@ class LambdaLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.applied = 0
+        if self.store is not None:
+            self.store.reset()
 
 
 class LambdaCache(Cache):
@@ -200,9 +214,25 @@ class LambdaCache(Cache):
 
         cols = (delta != 0).any(0).nonzero()
         a, b = (int(cols.min()), int(cols.max()) + 1) if cols.numel() else (0, 0)
-        self.step = CacheStep(moved=(a, b), delta=delta[:, a:b], keep=keep, layers=layers)
+        stores = self._stores(layers)
+        due = None
+        if stores is not None:  # block memory: the blocks that have reached the middle of each row's next query
+            assert self.config.memory is not None
+            due = middle_blocks(torch.where(new_seen > 0, new_seen, -1), G, L, self.config.memory.block_size)
+        self.step = CacheStep(
+            moved=(a, b), delta=delta[:, a:b], keep=keep, layers=layers, k_idx=full_tok, k_pos=full_pos, due=due
+        )
         self.steps += 1
-        return CacheLayout(q_idx=q_idx, q_pos=q_pos, k_idx=full_tok, k_pos=full_pos, step=self.step)
+        return CacheLayout(q_idx=q_idx, q_pos=q_pos, k_idx=full_tok, k_pos=full_pos, step=self.step, stores=stores)
+
+    def _stores(self, layers: tuple[LayerSpec, ...]) -> tuple[BlockStore | None, ...] | None:
+        """Each layer's block store (made on first use for the layers with memory); None without memory."""
+        if not any(spec.memory is not None for spec in layers):
+            return None
+        for layer, spec in zip(self.lambda_layers, layers, strict=True):
+            if spec.memory is not None and layer.store is None:
+                layer.store = BlockStore(spec.memory, self.n_global)
+        return tuple(layer.store for layer in self.lambda_layers)
 
     def invalidate(self, reason: str) -> None:
         """Refuse every later forward with this cache (ValueError: `reason`) until `reset()` empties it.
@@ -231,6 +261,11 @@ class LambdaCache(Cache):
                 if keep_middle
                 else "this LambdaCache keeps the middle (top-k), the model is enabled without top_k; make a new cache"
             )
+        if self.config.memory != config.memory:
+            raise ValueError(
+                f"this LambdaCache was made for memory={self.config.memory}; the model is enabled with "
+                f"memory={config.memory}. Make a new cache (LambdaCache.for_model(model))."
+            )
         if len(self.layers) != num_layers:
             raise ValueError(f"this LambdaCache has {len(self.layers)} layers, the model has {num_layers}")
         filled_by = None if self._owner is None else self._owner()
@@ -239,21 +274,26 @@ class LambdaCache(Cache):
         self._owner = weakref.ref(owner)
 
     # Batch bookkeeping: the shared layout follows the layers.
-    def _rows(self, fn) -> None:
+    def _rows(self, fn, rows: torch.Tensor) -> None:
         if self.tok is not None:
             self.tok, self.pos, self.seen = (fn(t) for t in (self.tok, self.pos, self.seen))
+        for layer in self.lambda_layers:
+            if layer.store is not None:
+                layer.store.select_rows(rows)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)), beam_idx)
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+        rows = torch.arange(0 if self.seen is None else self.seen.shape[0]).repeat_interleave(repeats)
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0), rows)
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        self._rows(lambda t: t[indices])
+        rows = torch.arange(0 if self.seen is None else self.seen.shape[0])[indices]
+        self._rows(lambda t: t[indices], rows)
 
     def reset(self):
         super().reset()
@@ -265,7 +305,8 @@ class LambdaCache(Cache):
         positive value is refused).
 
         Possible while nothing has been dropped yet (the stream still fits `n_global + n_local`, or the
-        cache keeps the middle): afterwards the keys a rollback would need are gone, and this raises.
+        cache keeps the middle): afterwards the keys a rollback would need are gone, and this raises. (Block
+        memory stores its first block only once a column has been dropped, so its stores are empty here.)
         (generate()'s assisted decoding still refuses this cache: it is not croppable in general.)"""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove (transformers 5 semantics)")
@@ -301,6 +342,14 @@ class LambdaCache(Cache):
         return cast("list[LambdaLayer]", self.layers)
 
     def memory_bytes(self) -> int:
-        """Bytes held by the stored keys and values of all layers."""
+        """Bytes held by the stored keys and values of all layers (block stores included)."""
         tensors = [t for layer in self.lambda_layers for t in (layer.keys, layer.values) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + self.store_bytes()
+
+    def store_bytes(self) -> int:
+        """Bytes held by the block stores of all layers (0 without block memory)."""
+        return sum(layer.store.nbytes() for layer in self.lambda_layers if layer.store is not None)
+
+    def store_tokens(self) -> int:
+        """Tokens held by the block stores, summed over layers and rows (0 without block memory)."""
+        return sum(layer.store.tokens_held() for layer in self.lambda_layers if layer.store is not None)

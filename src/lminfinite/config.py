@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .kernels import BACKENDS
+from .memory import BlockMemory
 
 # The attribute of an enabled model holding what enable() attached (`context.LambdaState`: its config, its
 # layer specs, the handles disable() removes). Only the library reads it; tools use `config_of`.
@@ -35,6 +36,8 @@ class LambdaConfig:
         attends the `top_k` middle keys with the highest logits, scored and seen at distance D. The
         cache then keeps the middle, so memory grows with the stream.
     top_k_from_layer: the first layer that uses top-k.
+    memory: block memory (`memory.BlockMemory`; None: off): the middle is kept in blocks, and each query
+        chunk also attends the few blocks whose representatives score best, seen at distance D.
     """
 
     n_global: int = 10
@@ -45,6 +48,7 @@ class LambdaConfig:
     sink_positions: str = "zero"
     top_k: int = 0
     top_k_from_layer: int = 0
+    memory: BlockMemory | None = None
 
     def __post_init__(self) -> None:
         optional = ("limit_distance",) if self.limit_distance is not None else ()
@@ -77,6 +81,14 @@ class LambdaConfig:
             raise ValueError("top_k needs sink_positions='zero' (middle keys are seen at distance D)")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.memory is not None:
+            if not isinstance(self.memory, BlockMemory):
+                raise TypeError(f"memory must be a lminfinite.BlockMemory, got {type(self.memory).__name__}")
+            if self.top_k:
+                raise ValueError("memory and top_k both choose middle keys: use one of them")
+            if self.sink_positions != "zero":
+                raise ValueError("memory needs sink_positions='zero' (memory keys are seen at distance D)")
+            self.memory.check_window(self.n_local)
 
     @property
     def distance(self) -> int:
@@ -86,6 +98,10 @@ class LambdaConfig:
     def uses_top_k(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` attends top-k middle keys."""
         return self.top_k > 0 and layer_idx >= self.top_k_from_layer
+
+    def uses_memory(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` keeps block memory (if it sees far keys at all: see `plan.build_specs`)."""
+        return self.memory is not None and self.memory.applies_to(layer_idx)
 
 
 def config_of(model: nn.Module) -> LambdaConfig | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.memory import Memory
+from .positions import Rope
 from .rule import middle_blocks, query_chunk
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
@@ -243,6 +244,31 @@ class BlockStore:
                 "(the cache dropped them before their block was stored)"
             )
         return torch.where(needed, col, -1)
+
+    def ingest(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        k_idx: torch.Tensor,
+        upto: torch.Tensor,
+        rope: Rope | None = None,
+        k_pos: torch.Tensor | None = None,
+    ) -> None:
+        """Store the blocks each row forms now (`formed .. upto - 1`) from a forward's key columns: `keys`,
+        `values` (batch, kv_heads, k_len, d) with token indices `k_idx` (batch, k_len). RoPE keys sit at
+        positions `k_pos` and are brought back to position 0 with `rope`. Stored keys and values carry no
+        gradient (memory is read at distance D, never trained through)."""
+        cols = self.new_columns(k_idx.to(keys.device), upto)
+        if cols.shape[1] == 0:
+            return
+        safe = cols.clamp(min=0)
+        k = torch.gather(keys.detach(), 2, safe[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1]))
+        v = torch.gather(values.detach(), 2, safe[:, None, :, None].expand(-1, values.shape[1], -1, values.shape[-1]))
+        if rope is not None:
+            assert k_pos is not None, "RoPE keys need their positions"
+            pos = torch.gather(k_pos.to(keys.device), 1, safe)
+            k = rope.rotate(k, *rope.cos_sin(-pos))
+        self.add(k, v, upto)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, upto: torch.Tensor) -> None:
         """Store the blocks each row forms now (`formed .. upto - 1`): `keys` (batch, kv_heads, n * bs, d) at

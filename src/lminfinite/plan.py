@@ -14,7 +14,10 @@ to each attention function); it is the only way state reaches attention:
 - `n_candidates`, `n_middle`: how many leading key columns can hold starting tokens, and middle keys
   for the top-k extension (0: that branch is off in this forward);
 - `cache_step`: what the cache layers do to their stored columns (which move, which are kept); the
-  cache keeps the same step itself (`LambdaCache.begin` returns it).
+  cache keeps the same step itself (`LambdaCache.begin` returns it);
+- `stores`: with block memory and a cache, each layer's block store (`memory.BlockStore`, None for a
+  layer without memory), owned by the cache layer; the layer fills it in `update()` and attention
+  chooses from it. Without a cache, attention stores the forward's own blocks in a store of its own.
 
 The rotations a plan implies (queries moved to distance D, far keys moved back to position 0, stored
 keys re-based) are computed on first use by one layer and reused by the layers sharing its RoPE
@@ -29,6 +32,7 @@ import torch
 
 from .config import LambdaConfig
 from .kernels import Kernel, get_kernel
+from .memory import BlockMemory, BlockStore
 from .positions import Alibi, Rope, layer_window
 from .rule import middle_rule, token_indices
 
@@ -52,6 +56,8 @@ class LayerSpec:
         among the model's distinct rotary embeddings (-1: none).
     alibi: the model's ALiBi (slopes, D), None for RoPE models.
     kernel: the attention kernel of the configured backend; block_size: its query block (None: chosen).
+    memory: the layer's block memory settings (None: no memory in this layer; never set for a layer
+        without the global branch).
     """
 
     layer_idx: int
@@ -67,6 +73,7 @@ class LayerSpec:
     alibi: Alibi | None
     kernel: Kernel = field(repr=False)
     block_size: int | None = None
+    memory: BlockMemory | None = None
 
 
 def build_specs(
@@ -102,7 +109,14 @@ def build_specs(
                 alibi=alibi,
                 kernel=kernel,
                 block_size=config.block_size,
+                memory=config.memory if has_global and config.uses_memory(i) else None,
             )
+        )
+    if config.memory is not None and not any(spec.memory for spec in specs):
+        raise ValueError(
+            "block memory applies to no layer of this model: the layers it names "
+            f"({'all' if config.memory.layers is None else list(config.memory.layers)}) all keep the model's own "
+            "sliding window, which sees no far keys"
         )
     return tuple(specs)
 
@@ -127,12 +141,18 @@ class CacheStep:
     delta: (batch, b - a) how far each of those columns moves (positions).
     keep: indices of the (stored + new) columns kept after this forward; None keeps all of them.
     layers: the model's layer specs (each layer moves its columns with its own rotary embedding).
+    k_idx, k_pos: token index and RoPE position of the (stored + new) columns after the move, and `due`
+        (batch,) the blocks each row's store must hold after this forward (`BlockStore.due`): with block
+        memory, a layer stores those blocks from these columns before any of them is dropped.
     """
 
     moved: tuple[int, int]
     delta: torch.Tensor
     keep: torch.Tensor | None
     layers: tuple[LayerSpec, ...] = field(repr=False)
+    k_idx: torch.Tensor | None = field(default=None, repr=False)
+    k_pos: torch.Tensor | None = field(default=None, repr=False)
+    due: torch.Tensor | None = None
     _memo: _Memo = field(default_factory=_Memo, repr=False, compare=False)
 
     def move(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
@@ -158,6 +178,7 @@ class CacheLayout:
     k_idx: torch.Tensor
     k_pos: torch.Tensor
     step: CacheStep
+    stores: tuple[BlockStore | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +193,7 @@ class ForwardPlan:
     n_candidates: int  # leading key columns that may hold starting tokens (0: no global branch)
     n_middle: int  # leading key columns that may hold middle keys (top-k extension; 0 when off)
     cache_step: CacheStep | None = None  # None: no cache in this forward
+    stores: tuple[BlockStore | None, ...] | None = None  # per layer: its block store (None: no cache or no memory)
     _memo: _Memo = field(default_factory=_Memo, repr=False, compare=False)
 
     def query_rotation(self, spec: LayerSpec, device: torch.device) -> CosSin:
@@ -232,12 +254,14 @@ def build_plan(
 ) -> ForwardPlan:
     """The plan of a forward of new tokens with padding mask `valid` (batch, q_len), through a cache
     whose `layout` for this forward is given, or without a cache (keys are the new tokens)."""
+    step: CacheStep | None = None
+    stores: tuple[BlockStore | None, ...] | None = None
     if layout is not None:
         q_idx, q_pos, k_idx, k_pos, step = layout.q_idx, layout.q_pos, layout.k_idx, layout.k_pos, layout.step
+        stores = layout.stores
     else:
         q_idx = k_idx = token_indices(valid)
         q_pos = k_pos = q_idx.clamp(min=0)
-        step = None
     G, L = config.n_global, config.n_local
     beyond = q_idx.numel() > 0 and int(q_idx.max()) >= L  # some query has keys outside its window
     n_cand = candidate_columns(k_idx, G) if beyond and G > 0 else 0
@@ -251,4 +275,5 @@ def build_plan(
         n_candidates=n_cand,
         n_middle=n_mid,
         cache_step=step,
+        stores=stores,
     )

@@ -3,7 +3,8 @@
 A kernel computes the local branch its own way (dense, chunked, FlexAttention) and gets the keys a
 query sees at distance D as one `Far` value, built by the attention function (`attention.py`): the
 starting tokens' keys brought back to position 0, the queries moved to distance D, and, with the
-top-k extension, the middle keys to choose from. `global_piece` scores a block of queries against
+top-k extension, the middle keys to choose from, or, with block memory, the blocks each query chunk
+chose (`kernels/memory.py`). `global_piece` scores a block of queries against
 them; `merge` combines pieces computed over disjoint keys into one exact softmax from their
 log-sum-exps. `NEG` is the finite stand-in for -inf where a row has no key (no NaN for padding).
 """
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..rule import global_rule
-from . import topk
+from . import memory, topk
+from .memory import Memory
 from .score_mod import ScoreMod
 from .topk import Middle
 
@@ -32,6 +34,7 @@ class Far:
     keys, values: (batch, kv_heads, S, d) the S leading key columns that may hold starting tokens,
         keys at position 0; idx: (batch, S) their token indices (-1: padding). S may be 0.
     middle: the top-k extension's candidates (None: off, or no middle key in this forward).
+    memory: block memory's chosen blocks (None: off, or nothing stored yet).
     The logits of all of them come from the kernel's `ScoreMod.far` (ALiBi: the bias of distance D).
     """
 
@@ -40,6 +43,7 @@ class Far:
     values: torch.Tensor
     idx: torch.Tensor
     middle: Middle | None = None
+    memory: Memory | None = None
 
     def __post_init__(self) -> None:
         if self.keys.shape[:3] != self.values.shape[:3] or self.idx.shape != (self.keys.shape[0], self.keys.shape[2]):
@@ -56,7 +60,7 @@ class Far:
         return self.keys.shape[2]
 
     def __bool__(self) -> bool:
-        return self.n_candidates > 0 or self.middle is not None
+        return self.n_candidates > 0 or self.middle is not None or self.memory is not None
 
 
 def candidates(far: Far | None) -> int:
@@ -74,8 +78,8 @@ def global_piece(
     mod: ScoreMod,
     rep: int,
 ) -> Piece:
-    """The far keys (starting keys, top-k middle keys) of queries [s, e): (output, log-sum-exp) with
-    -inf where none is seen. `rep`: query heads per kv head."""
+    """The far keys (starting keys, top-k middle keys, memory blocks) of queries [s, e): (output, log-sum-exp)
+    with -inf where none is seen. `rep`: query heads per kv head."""
     qg_b = far.queries[:, :, s:e]
     B, H, n, _ = qg_b.shape
     Hkv, S = far.keys.shape[1], far.n_candidates
@@ -86,11 +90,19 @@ def global_piece(
     if far.middle is not None:
         top_scores, top_values = topk.select(qg_b, far.middle, q_idx_b, n_global, n_local, mod, rep)
         scores = torch.cat([scores, top_scores], dim=-1)
+    M = 0
+    if far.memory is not None:
+        mem_scores, mem_values = memory.select(qg_b, far.memory, q_idx_b, s, e, n_global, n_local, mod, rep)
+        M = mem_scores.shape[-1]
+        scores = torch.cat([scores, mem_scores], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.clamp(min=NEG)[..., None])
     out = (probs[..., :S].to(far.values.dtype).reshape(B, Hkv, rep * n, S) @ far.values).view(B, H, n, -1)
     if far.middle is not None:
-        out = out + (probs[..., S:, None] * top_values.float()).sum(-2).to(out.dtype)
+        out = out + (probs[..., S : scores.shape[-1] - M, None] * top_values.float()).sum(-2).to(out.dtype)
+    if M:
+        mem_out = (probs[..., -M:].reshape(B, Hkv, rep * n, M) @ mem_values).view(B, H, n, -1)
+        out = out + mem_out.to(out.dtype)
     return out, lse
 
 
@@ -105,4 +117,4 @@ def merge(pieces: list[Piece]) -> torch.Tensor:
     return out.to(pieces[0][0].dtype)
 
 
-__all__ = ["NEG", "Far", "Middle", "Piece", "ScoreMod", "candidates", "global_piece", "merge"]
+__all__ = ["NEG", "Far", "Memory", "Middle", "Piece", "ScoreMod", "candidates", "global_piece", "merge"]

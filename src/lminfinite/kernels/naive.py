@@ -1,9 +1,9 @@
 """The O(n^2) reference: every score computed, the Λ rule applied as a dense mask, one softmax.
 
 Used by tests as the executable specification; never by default. It reads as the method: the
-logits of local keys (`ScoreMod.local`), of the starting tokens outside the window and of each
-query's k best middle keys (`ScoreMod.far`, with the queries moved to distance D), each masked by
-its branch of `rule.py`, then one softmax over all of them.
+logits of local keys (`ScoreMod.local`), of the starting tokens outside the window, of each query's
+k best middle keys and of the keys of the memory blocks chosen for its chunk (`ScoreMod.far`, with the
+queries moved to distance D), each masked by its branch of `rule.py`, then one softmax over all of them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from ..rule import global_rule, local_rule, middle_rule
 from .common import Far
+from .memory import dense_scores
 from .score_mod import ScoreMod
 
 
@@ -50,6 +51,10 @@ def attention(
             best = torch.zeros_like(mscores, dtype=torch.bool).scatter_(-1, order, True)
             all_scores.append(mscores.masked_fill(~best, float("-inf")))
             values.append(middle.values.repeat_interleave(rep, 1).float())
+        if far.memory is not None:  # every stored key, where its block was chosen for the query's chunk
+            mscores, mvalues = dense_scores(qg, far.memory, q_idx, n_global, n_local, mod, rep)
+            all_scores.append(mscores)
+            values.append(mvalues)
     probs = torch.softmax(torch.cat(all_scores, dim=-1), dim=-1).nan_to_num(0.0)
     out = probs @ torch.cat(values, dim=-2)
     out = out.masked_fill((q_idx < 0)[:, None, :, None], 0.0)
