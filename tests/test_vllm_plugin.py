@@ -106,6 +106,85 @@ def test_the_manager_keeps_the_starting_and_window_blocks_and_frees_the_middle()
     assert pool.get_num_free_blocks() == 64 - 1 - held[-1]  # the middle went back to the pool (1: null block)
 
 
+class _Requests:
+    """vLLM's own KV-cache manager (prefix caching on) with the plugin's spec, driven as the scheduler drives it:
+    look up the prefix cache, then allocate chunk after chunk; `run` returns the request's block ids at its first
+    chunk (after the hit was adopted) and at its end."""
+
+    def __init__(self, n_global: int, n_local: int, block: int = 16, pool: int = 64) -> None:
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core.kv_cache_manager import KVCacheManager
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+        from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+
+        from lminfinite.integrations.vllm.plugin import register_kv_cache_spec
+
+        register_kv_cache_spec()
+        init_none_hash(sha256)
+        spec = _spec(n_global=n_global, n_local=n_local, block_size=block)
+        config = KVCacheConfig(num_blocks=pool, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l"], spec)])
+        self.manager = KVCacheManager(
+            config, max_model_len=1 << 16, scheduler_block_size=block, hash_block_size=block, enable_caching=True
+        )
+        self.hasher = get_request_block_hasher(block, sha256)
+        self.pool = self.manager.block_pool
+
+    def blocks(self, request_id: str) -> list:
+        return self.manager.coordinator.single_type_managers[0].req_to_blocks[request_id]
+
+    def run(self, request_id: str, ids: list[int], chunk: int = 64) -> tuple[int, list[int], list[int]]:
+        from vllm import SamplingParams
+        from vllm.v1.request import Request
+
+        request = Request(request_id, ids, SamplingParams(max_tokens=1), None, block_hasher=self.hasher)
+        hit_blocks, hit, _ = self.manager.get_computed_blocks(request)
+        n = min(chunk, len(ids) - hit)
+        assert self.manager.allocate_slots(request, n, hit, hit_blocks) is not None
+        request.num_computed_tokens = hit + n
+        adopted = [b.block_id for b in self.blocks(request_id)]
+        while request.num_computed_tokens < len(ids):
+            n = min(chunk, len(ids) - request.num_computed_tokens)
+            assert self.manager.allocate_slots(request, n) is not None
+            request.num_computed_tokens += n
+        final = [b.block_id for b in self.blocks(request_id)]
+        self.manager.free(request)
+        return hit, adopted, final
+
+
+def test_a_prefix_cache_hit_keeps_the_blocks_of_the_starting_tokens():
+    """The cause of the wrong tokens the plugin gave with prefix caching: vLLM adopts a sliding-window hit by
+    padding every block before the window with the null block (block 0), the starting tokens' blocks included,
+    so the global branch read the null block. The manager puts the cached starting blocks back: a request whose
+    prompt was computed before gets the window's blocks and the first request's starting blocks, held (not free,
+    not evictable) while it runs, and cached again after it."""
+    reqs = _Requests(n_global=20, n_local=40)  # starting tokens in blocks 0-1; window 40 tokens (3 blocks)
+    prompt = list(range(1000, 1600))
+    hit, _, first = reqs.run("a", prompt)
+    assert hit == 0 and first[:2] != [0, 0] and first[2] == 0, "a: starting blocks kept, middle freed"
+    starting = first[:2]
+    hit, adopted, final = reqs.run("b", prompt)  # the same prompt: a hit up to the last full block but one
+    assert hit == (len(prompt) - 1) // 16 * 16 == 592
+    assert adopted[:2] == starting, "the hit's starting blocks are the first request's, not the null block"
+    assert all(b == 0 for b in adopted[2 : 592 // 16 - 3]) and 0 not in adopted[592 // 16 - 3 :]
+    assert final[:2] == starting
+    hit, adopted, _ = reqs.run("c", prompt[:300] + [7] * 100)  # shares 300 tokens: a hit of 288, all in blocks
+    assert hit == 288 and adopted[:2] == starting
+    # The starting blocks are back in the free queue after the requests, still cached: all blocks are free again.
+    assert reqs.pool.get_num_free_blocks() == 64 - 1
+    assert all(reqs.pool.blocks[b].ref_cnt == 0 and reqs.pool.blocks[b].block_hash is not None for b in starting)
+
+
+def test_a_hit_is_refused_when_the_starting_blocks_were_evicted():
+    """A window hit without the starting tokens' blocks cannot be used (the global branch needs them)."""
+    reqs = _Requests(n_global=20, n_local=40, pool=48)
+    prompt = list(range(1000, 1600))
+    _, _, first = reqs.run("a", prompt)
+    for b in first[:2]:  # evict the starting blocks from the prefix cache
+        assert reqs.pool._maybe_evict_cached_block(reqs.pool.blocks[b])
+    hit, adopted, _ = reqs.run("b", prompt)
+    assert hit == 0 and 0 not in adopted[:2]
+
+
 def test_the_pool_is_sized_for_the_bounded_request_not_for_max_model_len():
     spec = _spec(n_global=10, n_local=256, block_size=128)
     bound = spec.max_admission_blocks_per_request(max_in_flight_tokens=1024, max_model_len=1 << 20)
@@ -259,20 +338,24 @@ def _dict_out() -> dict:
 
 @pytest.fixture(scope="module")
 def plugin_runs(smollm2, prompts, tmp_path_factory):
-    """One engine with the plugin (G=10, L=256, max_model_len 32768): each prompt alone, then a mixed batch."""
+    """One engine with the plugin (G=10, L=256, max_model_len 32768, prefix caching on, vLLM's default): each
+    prompt alone on an empty cache, then a mixed batch whose requests hit the prefix cache, then 12000 tokens whose
+    first 1920 come from the cache (the blocks of the 2000-token prompt: 128-token blocks, the window's and the
+    starting tokens')."""
     _, _, folder = smollm2
-    order = ["p2000", "p12000", "short", "p700"]
+    order = ["p2000", "short", "p700", "p12000"]
     job = {
         "model": folder,
         "engine": {**ENGINE, "max_model_len": 32768, "hf_overrides": OVERRIDES},
         "prompts": [prompts[name] for name in order],
-        "runs": [[0], [1], [2], [3], [2, 0, 3]],
+        "runs": [[0], [1], [2], [1, 0, 2], [3]],
         "max_tokens": NEW_TOKENS,
         "logprobs": 1,
     }
     out = _run_engine(job, tmp_path_factory.mktemp("plugin"))
-    single = {name: out["runs"][i][0] for i, name in enumerate(order)}
-    mixed = {"short": out["runs"][4][0], "p2000": out["runs"][4][1], "p700": out["runs"][4][2]}
+    runs = out["runs"]
+    single = {"p2000": runs[0][0], "short": runs[1][0], "p700": runs[2][0], "p12000": runs[4][0]}
+    mixed = {"short": runs[3][0], "p2000": runs[3][1], "p700": runs[3][2]}
     return single, mixed
 
 
@@ -329,6 +412,20 @@ def test_without_the_override_the_engine_is_vllms_own(smollm2, prompts, vanilla_
 def test_a_mixed_batch_gives_each_request_its_single_request_answer(plugin_runs, name):
     single, mixed = plugin_runs
     assert mixed[name]["token_ids"] == single[name]["token_ids"]
+    torch.testing.assert_close(
+        torch.tensor(mixed[name]["logprobs"]), torch.tensor(single[name]["logprobs"]), atol=2e-3, rtol=0
+    )
+
+
+@pytest.mark.slow
+def test_prefix_cache_hits_are_used_past_the_window(plugin_runs):
+    """The mixed batch and the 12000-token prompt start from cached blocks (their tokens are compared above:
+    the mixed batch with the cold single requests, 12000 tokens with the library). 2000 tokens: 15 full blocks of
+    128 can be reused (the last token is always recomputed), 700 tokens: 5, 200 tokens: 1."""
+    single, mixed = plugin_runs
+    assert single["p2000"]["num_cached_tokens"] == 0
+    assert {name: mixed[name]["num_cached_tokens"] for name in mixed} == {"short": 128, "p2000": 1920, "p700": 640}
+    assert single["p12000"]["num_cached_tokens"] == 1920
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ plugin's tests and benchmarks: each engine runs in a process of its own, as vLLM
 JOB: {"model": folder, "engine": {LLM keyword arguments}, "prompts": [[token ids], ...],
       "runs": [[prompt indices], ...] (each run is one `generate` call, a batch), "max_tokens": 16,
       "logprobs": 0}
-OUT: {"runs": [[{"token_ids": [...], "logprobs": [...]}, ...], ...], "seconds": [...], "start_seconds": s}
+OUT: {"runs": [[{"token_ids": [...], "logprobs": [...], "num_cached_tokens": n}, ...], ...], "seconds": [...],
+      "start_seconds": s}  (num_cached_tokens: prompt tokens vLLM took from its prefix cache)
 Sampling is greedy (temperature 0). `logprobs` > 0 also records each generated token's log-probability.
 """
 
@@ -40,7 +41,7 @@ def run(job: dict) -> dict:
         batch = []
         for out in outs:
             completion = out.outputs[0]
-            record = {"token_ids": list(completion.token_ids)}
+            record = {"token_ids": list(completion.token_ids), "num_cached_tokens": out.num_cached_tokens}
             if completion.logprobs is not None:
                 record["logprobs"] = [
                     lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids, strict=True)

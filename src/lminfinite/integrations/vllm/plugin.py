@@ -19,15 +19,23 @@ BACKEND_PATH = "lminfinite.integrations.vllm.backend.LambdaCPUAttentionBackend"
 def register() -> None:
     from vllm.model_executor.custom_op import CustomOp, op_registry_oot
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from . import vllm_private
+    from .rope import ExactRotaryEmbedding
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+    register_kv_cache_spec()
+    if op_registry_oot.get("RotaryEmbedding") is not ExactRotaryEmbedding:
+        CustomOp.register_oot(ExactRotaryEmbedding, name="RotaryEmbedding")
+    vllm_private.install()
+
+
+def register_kv_cache_spec() -> None:
+    """Register `LambdaAttentionSpec` with its manager `LambdaManager` (vLLM's built-in specs first)."""
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     from . import vllm_private
     from .kv_cache import LambdaAttentionSpec, LambdaManager
-    from .rope import ExactRotaryEmbedding
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
     vllm_private.ensure_builtin_specs()
     KVCacheSpecRegistry.register(LambdaAttentionSpec, LambdaManager, uniform_type_base_spec=LambdaAttentionSpec)
-    if op_registry_oot.get("RotaryEmbedding") is not ExactRotaryEmbedding:
-        CustomOp.register_oot(ExactRotaryEmbedding, name="RotaryEmbedding")
-    vllm_private.install()
