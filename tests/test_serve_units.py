@@ -121,6 +121,26 @@ def test_store_evicts_least_recently_used_idle_sessions():
     assert len(store) == 0
 
 
+def test_per_key_limits_evict_only_the_keys_own_sessions():
+    """Issue 21 item 8: 2 sessions and 250 bytes per key (4 and 1000 in all): key B's many sessions push out only
+    B's own least recently used ones; A's are kept."""
+    evicted = []
+    store = SessionStore(4, 1000, evicted.append, key_sessions=2, key_cache_bytes=250)
+    a1, a2 = consumed(store, "A", [1, 2]), consumed(store, "A", [3, 4])
+    b = [consumed(store, "B", [10 + i, 20 + i]) for i in range(6)]
+    assert store.sessions("A") == [a1, a2] and store.sessions("B") == b[-2:]
+    assert evicted == ["key_sessions"] * 4
+    big = consumed(store, "B", [99], size=200)  # over B's bytes: B's older one goes, not A's
+    assert store.sessions("A") == [a1, a2] and store.sessions("B") == [big]
+    assert evicted[-1] == "key_memory"
+    from lminfinite.serve.config import ServeConfig
+
+    three = ServeConfig("m", api_keys=("k1", "k2", "k3"), max_sessions=64, max_cache_mb=30)
+    assert (three.key_sessions, three.key_cache_bytes) == (21, 10 * 2**20)
+    assert ServeConfig("m", api_keys=("k1",)).key_sessions is None  # one key: the totals are its limits
+    assert ServeConfig("m", api_keys=("k1", "k2"), max_sessions_per_key=5).key_sessions == 5
+
+
 @needs_stories
 def test_text_splice_continues_a_non_canonical_session(small_window):
     """The session's ids spell S but are not how the tokenizer writes S (as a sampled answer can be); a prompt whose

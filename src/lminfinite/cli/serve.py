@@ -77,6 +77,12 @@ def add_command(sub, model_options) -> None:
     )
     s.add_argument("--no-session-reuse", action="store_true", help="prefill every prompt in full (a baseline)")
     s.add_argument("--max-concurrency", type=positive_int, default=16, help="requests in flight; 429 beyond")
+    s.add_argument(
+        "--max-long-prompts",
+        type=positive_int,
+        default=2,
+        help="prompts of more than a quarter of --max-prompt-tokens characters tokenized at once; 429 beyond",
+    )
     s.add_argument("--max-tokens-cap", type=positive_int, default=2048, help="largest max_tokens (chat default)")
     s.add_argument("--max-prompt-tokens", type=positive_int, default=131072, help="largest prompt, whole history")
     s.add_argument("--max-body-mb", type=positive_float, default=16.0, help="largest request body")
@@ -145,6 +151,7 @@ def run_serve(args) -> int:
             max_sessions_per_key=args.max_sessions_per_key,
             max_cache_mb_per_key=args.max_cache_mb_per_key,
             max_concurrency=args.max_concurrency,
+            max_long_prompts=args.max_long_prompts,
             max_tokens_cap=args.max_tokens_cap,
             max_prompt_tokens=args.max_prompt_tokens,
             max_body_mb=args.max_body_mb,

@@ -27,8 +27,12 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -68,6 +72,20 @@ log = logging.getLogger("lminfinite.serve")
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_GONE = 499  # the status recorded for a request whose client went away (nginx's convention)
+LONG_BODY_MIN = 64 * 1024  # a body larger than this and than --max-prompt-tokens / 4 bytes is a long prompt's
+LONG_PROMPT_NICE = 10  # how much lower the CPU priority of the threads preparing long prompts is (Linux)
+
+
+def _parse(parse, body: bytes):
+    return parse(parse_json(body))
+
+
+def _lower_priority() -> None:
+    """Lower this thread's CPU priority (Linux: a thread is a schedulable task of its own); elsewhere nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LONG_PROMPT_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -144,6 +162,13 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
 
         return check
 
+    # Large bodies (long prompts) are parsed and tokenized here, at a lower CPU priority than the model worker.
+    long_body = max(LONG_BODY_MIN, config.max_prompt_tokens // 4)
+    long_prompts = [0]  # requests with a large body being parsed and tokenized now (event loop only: no lock)
+    long_pool = ThreadPoolExecutor(
+        config.max_long_prompts, thread_name_prefix="lminfinite-long-prompt", initializer=_lower_priority
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
@@ -152,6 +177,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
             yield
         finally:
             scheduler.stop()
+            long_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="lminfinite",
@@ -231,9 +257,9 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
             raise ClientGone from None
         return bytes(body)
 
-    async def admitted(namespace: str, rid: str, arrival: float, make_prompt, params) -> Job:
-        """Admission (429, or 503 while shutting down), then the prompt (tokenized in a thread), then the job for
-        the worker; the slot goes back if anything fails before the job is queued."""
+    async def admitted(namespace: str, rid: str, arrival: float, make_prompt, params, work) -> Job:
+        """Admission (429, or 503 while shutting down), then the prompt (`work(make_prompt)`: tokenized in a
+        thread), then the job for the worker; the slot goes back if anything fails before the job is queued."""
         if not scheduler.alive or scheduler.draining:
             raise (
                 errors.shutting_down() if scheduler.draining else errors.unavailable("the model worker is not running")
@@ -243,7 +269,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
             raise errors.overloaded(config.max_concurrency)
         queued = False
         try:
-            prompt = await run_in_threadpool(make_prompt)
+            prompt = await work(make_prompt)
             loop, events = asyncio.get_running_loop(), asyncio.Queue()
             job = Job(
                 rid=rid,
@@ -339,10 +365,75 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         if config.log_prompts:
             log.info("request %s prompt: %r", rid, what)
 
-    async def run(request: Request, namespace: str, make_prompt, req, chat: bool, arrival: float):
+    def long_place_free() -> bool:
+        if long_prompts[0] < config.max_long_prompts:
+            return True
+        metrics.rejected.inc()
+        return False
+
+    def no_long_place() -> APIError:
+        return errors.overloaded(config.max_long_prompts, "long prompts being prepared (--max-long-prompts)")
+
+    async def discard_body(request: Request) -> None:
+        """Read a body to its end without keeping it (so that a refusal reaches the client and its connection
+        stays usable), within the body's size cap and read deadline."""
+        cap, total = config.max_body_bytes, 0
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise errors.too_large(cap)
+
+        async def read() -> None:
+            nonlocal total
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > cap:
+                    raise errors.too_large(cap)
+
+        try:
+            await asyncio.wait_for(read(), config.read_timeout)
+        except asyncio.TimeoutError:
+            metrics.read_timeouts.inc()
+            raise errors.read_timeout(config.read_timeout) from None
+        except ClientDisconnect:
+            raise ClientGone from None
+
+    async def run(request: Request, chat: bool, parse, make_prompt):
+        """One completion request: key, body, parsing, admission and prompt, then the answer. A large body (more
+        than `long_body` bytes: a prompt that may need the bounded count, up to about --max-prompt-tokens
+        tokens' worth of tokenizing even to be refused) takes one of --max-long-prompts places (429 beyond), and
+        is parsed and tokenized in `long_pool`, whose threads run at a lower CPU priority than the model
+        worker: long prompts cost only what the worker leaves, beside any number of short ones."""
+        arrival = time.perf_counter()
+        namespace = authenticate(request)
         rid = new_id("chatcmpl" if chat else "cmpl")
-        log_prompt(rid, req.messages if chat else req.prompt)
-        job = await admitted(namespace, rid, arrival, make_prompt, req.params)
+        length = request.headers.get("content-length", "")
+        long = length.isdigit() and int(length) > long_body
+        if long and not long_place_free():  # refused before its body is parsed: only read, not kept
+            await discard_body(request)
+            raise no_long_place()
+        long_prompts[0] += long
+        try:
+            body = await read_body(request)
+            if not long and len(body) > long_body:  # a large body sent without a length
+                if not long_place_free():
+                    raise no_long_place()
+                long_prompts[0] += 1
+                long = True
+            if long:
+                loop = asyncio.get_running_loop()
+
+                def work(fn):
+                    return loop.run_in_executor(long_pool, fn)
+
+                req = await work(partial(_parse, parse, body))
+            else:
+                work = run_in_threadpool
+                req = _parse(parse, body)
+            del body  # not kept while the answer is generated
+            log_prompt(rid, req.messages if chat else req.prompt)
+            job = await admitted(namespace, rid, arrival, lambda: make_prompt(req), req.params, work)
+        finally:
+            long_prompts[0] -= long
         if req.stream:
             return StreamingResponse(
                 stream(job, chat, req.model, req.include_usage), media_type="text/event-stream", headers=SSE_HEADERS
@@ -354,31 +445,29 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
 
     # --------------------------------------------------------------------------------------------- routes
 
+    def chat_request(body: dict):
+        return parse_chat(body, config.served_names, limits)
+
+    def chat_request_prompt(req):
+        prompt = chat_prompt(tokenizer, req.messages, prompt_check("messages"))
+        check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "messages")
+        return prompt
+
+    def completion_request(body: dict):
+        return parse_completion(body, config.served_names, limits)
+
+    def completion_request_prompt(req):
+        prompt = completion_prompt(tokenizer, req.prompt, prompt_check("prompt"))
+        check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "prompt")
+        return prompt
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        arrival = time.perf_counter()
-        namespace = authenticate(request)
-        req = parse_chat(parse_json(await read_body(request)), config.served_names, limits)
-
-        def make_prompt():
-            prompt = chat_prompt(tokenizer, req.messages, prompt_check("messages"))
-            check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "messages")
-            return prompt
-
-        return await run(request, namespace, make_prompt, req, True, arrival)
+        return await run(request, True, chat_request, chat_request_prompt)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        arrival = time.perf_counter()
-        namespace = authenticate(request)
-        req = parse_completion(parse_json(await read_body(request)), config.served_names, limits)
-
-        def make_prompt():
-            prompt = completion_prompt(tokenizer, req.prompt, prompt_check("prompt"))
-            check_prompt_size(len(prompt.ids), config.max_prompt_tokens, "prompt")
-            return prompt
-
-        return await run(request, namespace, make_prompt, req, False, arrival)
+        return await run(request, False, completion_request, completion_request_prompt)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "lminfinite"}

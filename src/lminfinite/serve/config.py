@@ -17,6 +17,7 @@ class ServeConfig:
     max_sessions_per_key: int | None = None
     max_cache_mb_per_key: float | None = None
     max_concurrency: int = 16  # requests in flight (queued or running); 429 beyond
+    max_long_prompts: int = 2  # prompts of more than max_prompt_tokens / 4 characters tokenized at once; 429 beyond
     max_connections: int = 256  # open HTTP connections; 503 (and closed) beyond
     read_timeout: float = 30.0  # seconds to receive a request's head, and again its body; 408 beyond
     shutdown_grace: float = 10.0  # on shutdown, seconds open requests get to finish before they end with a 503
@@ -32,7 +33,14 @@ class ServeConfig:
     def __post_init__(self):
         if not self.model_name:
             raise ValueError("model_name must not be empty")
-        for name in ("max_concurrency", "max_tokens_cap", "max_prompt_tokens", "step_tokens", "max_connections"):
+        for name in (
+            "max_concurrency",
+            "max_tokens_cap",
+            "max_prompt_tokens",
+            "step_tokens",
+            "max_connections",
+            "max_long_prompts",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -60,20 +68,20 @@ class ServeConfig:
     @property
     def key_sessions(self) -> int | None:
         """Kept conversations per API key: `max_sessions_per_key`, else `max_sessions` shared evenly among the
-        keys (at least 1 each); None without keys (one namespace: the total is its limit)."""
+        keys (at least 1 each); None with fewer than two keys (one namespace: the total is its limit)."""
         if self.max_sessions_per_key is not None:
             return self.max_sessions_per_key
-        if not self.api_keys:
+        if len(self.api_keys) < 2:
             return None
         return min(self.max_sessions, max(1, self.max_sessions // len(self.api_keys)))
 
     @property
     def key_cache_bytes(self) -> int | None:
         """Cache bytes per API key: `max_cache_mb_per_key`, else `max_cache_mb` shared evenly among the keys;
-        None without keys."""
+        None with fewer than two keys."""
         if self.max_cache_mb_per_key is not None:
             return int(self.max_cache_mb_per_key * 2**20)
-        if not self.api_keys:
+        if len(self.api_keys) < 2:
             return None
         return self.max_cache_bytes // len(self.api_keys)
 

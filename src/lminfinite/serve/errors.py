@@ -72,10 +72,10 @@ def unauthorized(provided: bool, message: str | None = None) -> APIError:
     return APIError(401, message, "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
 
-def overloaded(limit: int) -> APIError:
+def overloaded(limit: int, what: str = "concurrent requests") -> APIError:
     return APIError(
         429,
-        f"The server is at its limit of {limit} concurrent requests; retry shortly.",
+        f"The server is at its limit of {limit} {what}; retry shortly.",
         "rate_limit_error",
         None,
         "rate_limit_exceeded",
