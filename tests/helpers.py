@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import lminfinite
+from lminfinite.compat import cache_keyword
 
 V = 101  # vocabulary of every tiny model
 
@@ -67,6 +68,29 @@ def left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.
     return batch, mask
 
 
+def with_cache(model, cache) -> dict:
+    """`cache` as the keyword argument the installed transformers takes: {"cache": cache} on 5.24,
+    {"past_key_values": cache} on 5.19 (where `cache=` is ignored or dropped; lminfinite.compat)."""
+    return {cache_keyword(model): cache}
+
+
+def cache_of(output):
+    """The cache a model output or a generate() result holds (`cache` on transformers 5.24, `past_key_values`
+    on 5.19), or None."""
+    return output.get("cache", output.get("past_key_values"))
+
+
+def enable_checkpointing(model, use_reentrant: bool) -> None:
+    """Activation (gradient) checkpointing on: `activation_checkpointing_enable` on transformers 5.24, whose
+    `gradient_checkpointing_enable` is its deprecated alias; 5.19 has only the latter."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+        assert model.is_activation_checkpointing
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+        assert model.is_gradient_checkpointing
+
+
 def logits(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Logits of one forward without a cache and without autograd."""
     with torch.no_grad():
@@ -90,7 +114,7 @@ class CharTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([1] if add_special_tokens else []) + [3 + ord(c) % 90 for c in text]
 
-    def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
         return "".join(chr(i) for i in token_ids if i > 2)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CharTokenizer, ids, logits, tiny_model
+from helpers import CharTokenizer, cache_of, family_model, ids, logits, tiny_model, with_cache
 from transformers import DynamicCache
 
 import lminfinite
@@ -32,11 +32,11 @@ def test_a_dynamic_cache_is_refused(model):
     instead (generate()'s own cache is replaced before the model sees it: test below)."""
     x = ids(30)
     with pytest.raises(ValueError, match=r"LambdaCache\.for_model\(model\).*lminfinite\.prefill"), torch.no_grad():
-        model(input_ids=x[:, :20], cache=DynamicCache())
+        model(input_ids=x[:, :20], **with_cache(model, DynamicCache()))
     with torch.no_grad():  # what the message says works
         first = model(input_ids=x[:, :20], use_cache=True)
-        assert isinstance(first.cache, LambdaCache) and first.cache.get_seq_length() == 20
-        second = model(input_ids=x[:, 20:21], cache=first.cache).logits
+        assert isinstance(cache_of(first), LambdaCache) and cache_of(first).get_seq_length() == 20
+        second = model(input_ids=x[:, 20:21], **with_cache(model, cache_of(first))).logits
     torch.testing.assert_close(first.logits, logits(model, x[:, :20]))
     torch.testing.assert_close(second, logits(model, x[:, :21])[:, -1:], atol=1e-5, rtol=1e-5)
 
@@ -45,10 +45,10 @@ def test_generate_with_a_users_dynamic_cache_is_refused(model):
     """Before: generate() ran, but the user's cache stayed empty (every later use started from nothing)."""
     cache = DynamicCache()
     with pytest.raises(ValueError, match=r"LambdaCache\.for_model\(model\)"):
-        model.generate(ids(20), cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        model.generate(ids(20), **with_cache(model, cache), max_new_tokens=3, do_sample=False, pad_token_id=0)
     # generate()'s own cache (none passed) is replaced once and never read again: generation is right
     lam = LambdaCache.for_model(model)
-    out = model.generate(ids(20), cache=lam, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    out = model.generate(ids(20), **with_cache(model, lam), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids(20), max_new_tokens=3, do_sample=False, pad_token_id=0), out)
 
 
@@ -56,9 +56,9 @@ def test_a_filled_foreign_cache_is_refused_with_what_to_pass(model):
     filled = DynamicCache()
     filled.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
     with pytest.raises(ValueError, match=r"filled DynamicCache.*LambdaCache\.for_model\(model\).*lminfinite\.prefill"):
-        model(input_ids=ids(3), cache=filled)
+        model(input_ids=ids(3), **with_cache(model, filled))
     with pytest.raises(TypeError, match="must be a LambdaCache"):
-        model(input_ids=ids(3), cache=[(torch.zeros(1), torch.zeros(1))])
+        model(input_ids=ids(3), **with_cache(model, [(torch.zeros(1), torch.zeros(1))]))
 
 
 def test_prefill_and_stream_refuse_a_dynamic_cache(model):
@@ -94,10 +94,32 @@ def test_generate_refuses_ids_that_do_not_extend_the_cache(model, held_more):
     cache = lminfinite.prefill(model, x)
     given = x[:, :12] if held_more else x
     with pytest.raises(ValueError, match=rf"given {given.shape[1]} token ids with a LambdaCache that already holds 30"):
-        model.generate(given, cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        model.generate(given, **with_cache(model, cache), max_new_tokens=3, do_sample=False, pad_token_id=0)
     cache = lminfinite.prefill(model, x[:, :-1])  # the documented use: the cache holds all but the last
-    out = model.generate(x, cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    out = model.generate(x, **with_cache(model, cache), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(out, model.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0))
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj", "mpt", "bloom"])
+def test_an_enabled_model_takes_cache_on_every_supported_transformers(family):
+    """transformers 5.19 names the cache `past_key_values`: its MPT dropped an unknown `cache=` (each forward
+    started without context, silently) and its generate() refused it. An enabled model takes `cache=` there as
+    on 5.24 (lminfinite.compat): forwards through it equal one forward, generate() with it equals generate()."""
+    model = lminfinite.enable(family_model(family), n_global=2, n_local=8)
+    x = ids(30, 4)
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        first = model(input_ids=x[:, :20], cache=cache).logits
+        assert cache.get_seq_length() == 20
+        last = model(input_ids=x[:, 20:21], cache=cache).logits
+    torch.testing.assert_close(torch.cat([first, last], 1), logits(model, x[:, :21]), atol=1e-5, rtol=1e-5)
+    cache = lminfinite.prefill(model, x[:, :-1])
+    # use_cache=True: MPT's config says False, and generate() then feeds the whole sequence at every step
+    out = model.generate(x, cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=True)
+    assert cache.get_seq_length() == 30 + 3
+    assert torch.equal(out, model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    lminfinite.disable(model)
+    assert "generate" not in vars(model)  # disable() removed what enable() put on the model
 
 
 def test_enable_refuses_what_is_not_a_transformers_model():

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from helpers import CharTokenizer, left_padded, tiny_model
+from helpers import CharTokenizer, cache_of, left_padded, tiny_model
 from transformers import DynamicCache, TextIteratorStreamer
 
 import lminfinite
@@ -66,11 +66,11 @@ def test_generate_uses_lambda_cache_and_bounded_memory():
         pad_token_id=0,
         return_dict_in_generate=True,
     )
-    assert isinstance(res.cache, LambdaCache)
-    assert res.cache.layers[0].keys.shape[-2] == G + L - 1
+    assert isinstance(cache_of(res), LambdaCache)
+    assert cache_of(res).layers[0].keys.shape[-2] == G + L - 1
     with torch.no_grad():
         out = model(input_ids=torch.randint(3, 101, (1, 50)))
-    assert isinstance(out.cache, LambdaCache)
+    assert isinstance(cache_of(out), LambdaCache)
 
 
 def test_beam_search_and_left_padded_batch_generation():

@@ -38,10 +38,11 @@ from helpers import (
     family_model,
     ids,
     logits,
+    with_cache,
 )
 
 import lminfinite
-from lminfinite import LambdaCache
+from lminfinite import LambdaCache, compat
 from lminfinite.config import pretraining_length
 from lminfinite.families import FAMILIES as TABLE
 from lminfinite.families import Family, family_of, rope_of
@@ -109,13 +110,21 @@ def test_nope_layers_have_no_rope():
     assert layer_rope(rope, with_rope) is rope and layer_rope(rope, without) is None
 
 
+def _tables(model) -> list[torch.nn.Module]:
+    """The modules holding GPT-J's (CodeGen's) sin/cos table: its rotary module on transformers 5.24, each
+    attention module on 5.19."""
+    return [m for m in model.modules() if isinstance(getattr(m, "embed_positions", None), torch.Tensor)]
+
+
 def test_table_rope_frequencies_match_the_table():
     model = family_model("gptj")
     rope = _rope(model)
     assert isinstance(rope, TableRope)
     cos, sin = rope.cos_sin(torch.arange(32)[None])
-    table = model.base_model.rotary_emb.embed_positions  # (sin | cos) per position
-    torch.testing.assert_close(torch.cat([sin[0, 0], cos[0, 0]], -1), table, atol=1e-6, rtol=0)
+    assert _tables(model)
+    for module in _tables(model):
+        table = module.embed_positions  # (sin | cos) per position
+        torch.testing.assert_close(torch.cat([sin[0, 0], cos[0, 0]], -1), table, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family,expected", [("phi3", 32), ("phi3_longrope", 32), ("gptj", 32), ("mistral", 32)])
@@ -169,7 +178,8 @@ def test_the_plan_reaches_attention_by_the_route_the_table_says(family, monkeypa
         monkeypatch.setitem(AttentionInterface._global_mapping, name, spy)
     logits(model, ids(20, 1))
     lminfinite.disable(model)
-    drops = TABLE[model.config.model_type].drops_kwargs
+    drops = family_of(model).drops_kwargs  # the table's entry, as the installed transformers needs it (compat.py)
+    assert drops == (TABLE[model.config.model_type].drops_kwargs or compat.computes_own_attention(model))
     assert routes and set(routes) == {(False, True) if drops else (True, False)}
 
 
@@ -234,9 +244,9 @@ def test_c_distance_cap_one_layer(family, D):
     G, L = 3, 16
     model = family_model(family, layers=1, **({"ctx": 128} if family == "mpt" else {}))
     if family in ("gptj", "codegen"):
-        model.base_model.rotary_emb.max_positions = 128  # let the unmodified model run at 64 tokens
         table = transformers.models.gptj.modeling_gptj.create_sinusoidal_positions(128, 8)
-        model.base_model.rotary_emb.embed_positions = table
+        for module in _tables(model):  # let the unmodified model run at 64 tokens
+            module.max_positions, module.embed_positions = 128, table
     short, start, end = _start_middle_end(G, L, 20)
     long, _, _ = _start_middle_end(G, L, 45)
     plain_short, plain_long = logits(model, short)[0, -1], logits(model, long)[0, -1]
@@ -270,9 +280,9 @@ def _stream_logits(model, x, prompt):
     """Prefill `prompt` tokens into a LambdaCache, then feed the rest one token at a time."""
     cache = LambdaCache.for_model(model)
     with torch.no_grad():
-        outs = [model(input_ids=x[:, :prompt], cache=cache).logits]
+        outs = [model(input_ids=x[:, :prompt], **with_cache(model, cache)).logits]
         for t in range(prompt, x.shape[1]):
-            outs.append(model(input_ids=x[:, t : t + 1], cache=cache).logits)
+            outs.append(model(input_ids=x[:, t : t + 1], **with_cache(model, cache)).logits)
     return torch.cat(outs, 1), cache
 
 
@@ -320,7 +330,7 @@ def test_e_top_k_cached_stream_equals_recomputation(family):
 
 def test_gptj_runs_far_beyond_its_sin_cos_table():
     model = family_model("gptj")
-    assert model.base_model.rotary_emb.embed_positions.shape[0] == 32
+    assert _tables(model) and all(m.embed_positions.shape[0] == 32 for m in _tables(model))
     lminfinite.enable(model, n_global=2, n_local=16)
     out = logits(model, ids(200, 9))
     assert torch.isfinite(out).all()

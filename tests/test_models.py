@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import logits, tiny_model
+from helpers import enable_checkpointing, logits, tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import lminfinite
@@ -183,7 +183,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         model = tiny_model("llama").train()
         lminfinite.enable(model, n_global=2, n_local=8)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": reentrant})
+            enable_checkpointing(model, reentrant)
         loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
         model(input_ids=other, use_cache=False)  # a later forward before backward
         loss.backward()

@@ -102,10 +102,11 @@ def test_readme_commands_run_as_written_in_a_fresh_clone():
     for command in _bash_commands(text):
         if re.match(r"(source|\.) \.venv/bin/activate", command):
             activated = True
-        program = shlex.split(command, comments=True)[0] if shlex.split(command, comments=True) else ""
+        argv = shlex.split(command, comments=True)
+        program = argv[0] if argv else ""
         if program == "lminfinite":
             assert activated, f"{command!r}: `lminfinite` is not on PATH in a fresh clone; write .venv/bin/lminfinite"
-        if program in ("python", "python3"):
+        if program in ("python", "python3") and argv[1:3] != ["-m", "venv"]:  # the system Python makes a venv
             assert activated, f"{command!r}: use .venv/bin/python"
     for command in _inline_commands(text):
         program = command.split()[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_greedy_equals_naive_recomputation, family_model, logits, tiny_model
+from helpers import assert_greedy_equals_naive_recomputation, family_model, logits, tiny_model, with_cache
 
 import lminfinite
 from lminfinite import LambdaCache, LambdaConfig
@@ -37,7 +37,11 @@ def test_cached_feeding_equals_naive_one_forward(name, chunk):
     assert cache.keep_middle
     with torch.no_grad():
         out = torch.cat(
-            [model(input_ids=ids[:, s : s + chunk], cache=cache).logits for s in range(0, ids.shape[1], chunk)], 1
+            [
+                model(input_ids=ids[:, s : s + chunk], **with_cache(model, cache)).logits
+                for s in range(0, ids.shape[1], chunk)
+            ],
+            1,
         )
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert cache.layers[0].keys.shape[-2] == ids.shape[1]  # the middle is kept: memory grows with n

@@ -39,7 +39,10 @@ def _bloom_slopes(decoder: Any) -> torch.Tensor:
     return bias[:, 0, 1].float()
 
 
-def _mpt_attention(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
+def _mpt_attention(
+    self, hidden_states, position_bias=None, cache=None, attention_mask=None, past_key_values=None, **kwargs
+):
+    cache = past_key_values if cache is None else cache  # MPT's block passes `past_key_values=` on transformers 5.19
     B, T, _ = hidden_states.shape
     qkv = self.Wqkv(hidden_states)
     if self.clip_qkv:

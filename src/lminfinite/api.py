@@ -16,7 +16,7 @@ import warnings
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import alibi, families
+from . import alibi, compat, families
 from .attention import NAME, NAME_VIA_MASK, clear, publish, register
 from .config import STATE_ATTR, LambdaConfig, config_of, pretraining_length
 from .context import LambdaState, guard_generation, make_pre_hook
@@ -168,10 +168,15 @@ def enable(
     if via_mask:
         state.handles.append(decoder.register_forward_hook(clear, with_kwargs=True))
     state.handles.extend(guard_generation(model))
+    state.handles.extend(compat.accept_cache_keyword(model))  # `cache=` on transformers 5.19 too
     name = NAME_VIA_MASK if via_mask else NAME
     if adapter is not None:
         state.handles.extend(alibi.install(modules, adapter))
         model.config._attn_implementation = name  # ALiBi models refuse set_attn_implementation
+        state.handles.append(_ConfigAttn(model, state.previous_attn))
+    elif family is not None and family.own_attention:  # GPT-J/CodeGen on transformers 5.19 (compat.py)
+        state.handles.extend(compat.route_own_attention(modules, name))
+        model.config._attn_implementation = name  # they refuse set_attn_implementation too
         state.handles.append(_ConfigAttn(model, state.previous_attn))
     else:
         state.handles.extend(install_rope_hooks(rope))

@@ -16,7 +16,6 @@ the rotary embedding). Before every forward it does two things:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import MethodType
@@ -26,6 +25,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import LambdaCache
+from .compat import cache_keyword
 from .config import LambdaConfig
 from .plan import PLAN_KWARG, ForwardPlan, LayerSpec, build_plan
 
@@ -139,8 +139,7 @@ def normalise_arguments(
 
 def make_pre_hook(state: LambdaState, decoder: nn.Module, publish: Callable[[ForwardPlan], None] | None = None):
     """The decoder's forward pre-hook. `publish`: also hands each plan to it (ALiBi models, `alibi.py`)."""
-    params = inspect.signature(decoder.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
+    cache_kw = cache_keyword(decoder)
 
     def pre_hook(module, args, kwargs):
         kwargs, valid, cache = normalise_arguments(state, module, cache_kw, args, kwargs)

@@ -4,7 +4,10 @@ Each entry of `FAMILIES` says how a family encodes positions and what `enable()`
 
 - `rope`: rotary positions, applied inside attention modules that route through transformers'
   AttentionInterface; `interleaved` when the rotary pairs dimensions (2i, 2i+1) (GPT-J, CodeGen,
-  Cohere) rather than (i, i + d/2) (rotate_half: Llama and most others);
+  Cohere) rather than (i, i + d/2) (rotate_half: Llama and most others). Where the installed transformers
+  computes a RoPE family's attention in the attention modules themselves (GPT-J and CodeGen on 5.19),
+  `family_of` marks it `own_attention` and enable() routes it (`compat.py`); a RoPE family of the table whose
+  modules bypass the AttentionInterface otherwise is refused, never run unmodified;
 - `alibi`: ALiBi biases added by the model's own attention code, routed by an `alibi.Adapter`;
 - `absolute`: absolute position embeddings: refused (the distance cap means nothing there);
 - `refused`: a relative-position family whose attention the Λ kernels do not reproduce, with the reason.
@@ -18,11 +21,12 @@ attention module's forward looks its attention function up in transformers' Atte
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import transformers
 from torch import nn
 
-from . import alibi
+from . import alibi, compat
 from .positions import Rope, find_rope
 
 
@@ -37,6 +41,10 @@ class Family:
     # The decoder's layers drop the forward's keyword arguments before calling attention, so the plan
     # goes through the mask (`attention.NAME_VIA_MASK`); always so for ALiBi adapters.
     drops_kwargs: bool = False
+    # The installed transformers computes this family's attention inside each attention module (GPT-J and
+    # CodeGen on transformers 5.19: `compat.py`), routed to the AttentionInterface by `enable()`; set by
+    # `family_of` from the model, never in the table. Their blocks drop keyword arguments too.
+    own_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.positions not in ("rope", "alibi", "absolute", "refused"):
@@ -45,7 +53,9 @@ class Family:
             raise ValueError("an ALiBi family needs its adapter, and only ALiBi families have one")
         if (self.positions == "refused") != bool(self.reason):
             raise ValueError("a refused family needs its reason, and only refused families have one")
-        if self.alibi is not None:
+        if self.own_attention and self.positions != "rope":
+            raise ValueError("only a RoPE family is routed from its own attention code (compat.py)")
+        if self.alibi is not None or self.own_attention:
             object.__setattr__(self, "drops_kwargs", True)
 
 
@@ -120,8 +130,12 @@ def plan_via_mask(family: Family | None) -> bool:
 
 
 def family_of(model: nn.Module) -> Family | None:
-    """The table's entry for `model`'s `model_type`, None for a type not in the table."""
-    return FAMILIES.get(getattr(model.config, "model_type", "") or "")
+    """The table's entry for `model`'s `model_type` (None for a type not in the table), with `own_attention`
+    set where the installed transformers computes its attention inside the attention modules (compat.py)."""
+    family = FAMILIES.get(getattr(model.config, "model_type", "") or "")
+    if family is not None and family.positions == "rope" and compat.computes_own_attention(model):
+        return replace(family, own_attention=True)
+    return family
 
 
 def declares_alibi(config) -> bool:
@@ -156,15 +170,26 @@ def rope_of(decoder: nn.Module, family: Family | None) -> Rope | None:
     return find_rope(decoder, _rotary_style(decoder, family))
 
 
+def _forward_source(module: nn.Module) -> str | None:
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return None
+
+
 def routes_attention_interface(module: nn.Module) -> bool:
     """Whether an attention layer's forward looks its attention function up in transformers'
     AttentionInterface (`ALL_ATTENTION_FUNCTIONS`); class flags such as `_supports_sdpa` do not tell
     (Falcon sets it and computes attention itself). The fallback for model types not in the table."""
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in source
+    source = _forward_source(module)
+    return source is not None and "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def _bypasses_attention_interface(module: nn.Module) -> bool:
+    """Whether an attention layer's forward, read from its source, does not use the AttentionInterface
+    (False when the source cannot be read: a RoPE family of the table is then trusted)."""
+    source = _forward_source(module)
+    return source is not None and "ALL_ATTENTION_FUNCTIONS" not in source
 
 
 def check(model: nn.Module, family: Family | None, attention_modules: list[nn.Module], rope: Rope | None) -> None:
@@ -187,6 +212,17 @@ def check(model: nn.Module, family: Family | None, attention_modules: list[nn.Mo
     if family is not None and family.alibi is not None:
         family.alibi.check(model)
         return
+    if (
+        family is not None
+        and family.positions == "rope"
+        and not family.own_attention
+        and any(map(_bypasses_attention_interface, attention_modules))
+    ):
+        raise ValueError(
+            f"{name}: in the installed transformers ({transformers.__version__}) its attention modules compute "
+            "attention themselves, not through transformers' AttentionInterface, so lminfinite cannot plug into "
+            "them"
+        )
     if family is None and (not attention_modules or not all(map(routes_attention_interface, attention_modules))):
         raise ValueError(
             f"{name} does not route attention through transformers' AttentionInterface, "

@@ -212,12 +212,16 @@ class _Restore:
 
 
 def _freeze_longrope(module: Any) -> _Restore:
-    """Keep LongRoPE (Phi-3) at its short factors, the ones of the pretraining length: transformers
-    switches every position to the long factors once a position passes `original_max_position_embeddings`
+    """Keep LongRoPE (Phi-3) at its short factors, the ones of the pretraining length: transformers switches
+    every position to the long factors once a position passes `original_max_position_embeddings`
     (positions beyond it only come from the gap LM-Infinite skips), which would change what the model
-    sees inside the window and mix two frequency sets in one cache. transformers reads the long set
-    from the `long_inv_freq` attribute when present."""
-    return _Restore(module, "long_inv_freq", module.original_inv_freq.detach())  # a plain tensor, not a buffer
+    sees inside the window and mix two frequency sets in one cache. The switch runs only for a rotary whose
+    `rope_type` is "longrope" (transformers 5.24 reads the long set from `long_inv_freq`, 5.19 recomputes
+    it, so only this holds in both): the rotary is marked "default" until `remove()`, with its short
+    frequencies back in place (what it does itself for a short input); its attention factor stays."""
+    with torch.no_grad():
+        module.inv_freq.copy_(module.original_inv_freq)
+    return _Restore(module, "rope_type", "default")
 
 
 def _grow_table(module: Any, args, kwargs):
@@ -235,13 +239,20 @@ def _grow_table(module: Any, args, kwargs):
     return None
 
 
+def grow_table_on_demand(module: nn.Module):
+    """A forward pre-hook on a module holding a (sin | cos) table `embed_positions` (GPT-J, CodeGen: the rotary
+    module on transformers 5.24, each attention module on 5.19) that grows the table to the forward's largest
+    position; returns its handle."""
+    return module.register_forward_pre_hook(_grow_table, with_kwargs=True)
+
+
 def install_rope_hooks(rope: Rope | None) -> list:
     """Hooks that keep the rotary embedding usable at any length with fixed frequencies; returns
     their handles (each with `remove()`)."""
     if rope is None:
         return []
     if isinstance(rope, TableRope):
-        return [rope.rotary.register_forward_pre_hook(_grow_table, with_kwargs=True)]
+        return [grow_table_on_demand(rope.rotary)]
     rope_type = str(getattr(rope.rotary, "rope_type", "default"))
     if "dynamic" in rope_type:
         return [rope.rotary.register_forward_pre_hook(_freeze_dynamic, with_kwargs=True)]

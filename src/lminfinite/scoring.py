@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 
 from .api import is_enabled
 from .cache import LambdaCache
+from .compat import cache_keyword
 from .context import USE_LAMBDA_CACHE
 
 
@@ -56,7 +57,8 @@ def prefill(
     On an enabled model the cache is a LambdaCache holding `n_global + n_local` tokens per row, so
     peak memory depends on `chunk_size + n_global + n_local`, not on `n` (with `top_k`, the cache keeps
     all `n` tokens). Returns the cache; pass it
-    to `model.generate(full_ids, cache=cache)` or `stream()` to continue. Chunks also keep the
+    to `model.generate(full_ids, cache=cache)` (`past_key_values=cache` on transformers 5.19) or `stream()`
+    to continue. Chunks also keep the
     RoPE positions bounded (below `2 * n_local + chunk_size`); `chunk_size=None` is one forward.
     Runs without autograd: under `torch.no_grad`, not `torch.inference_mode`, because the cache it fills
     may later be used where autograd records (inference tensors cannot be saved for backward).
@@ -68,15 +70,16 @@ def prefill(
         name = type(cache).__name__
         raise ValueError(f"prefill() into a {name}: an enabled model fills a LambdaCache; {USE_LAMBDA_CACHE}")
     device = next(model.parameters()).device
+    cache_kw = cache_keyword(model)  # an unenabled model on transformers 5.19 ignores `cache=`
     with torch.no_grad():
         for s, e in _chunks(input_ids.shape[1], chunk_size, progress, "prefill"):
             mask = None if attention_mask is None else attention_mask[:, :e].to(device)
             model(
                 input_ids=input_ids[:, s:e].to(device),
                 attention_mask=mask,
-                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_kw: cache},
             )
     return cache
 
@@ -103,12 +106,13 @@ def score(
         return out
     cache = _new_cache(model)
     device = next(model.parameters()).device
+    cache_kw = cache_keyword(model)
     valid = torch.ones(B, n, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
     with torch.no_grad():
         for s, e in _chunks(n, chunk_size, progress, "score"):
             mask = None if attention_mask is None else attention_mask[:, :e].to(device)
             logits = model(
-                input_ids=input_ids[:, s:e].to(device), attention_mask=mask, cache=cache, use_cache=True
+                input_ids=input_ids[:, s:e].to(device), attention_mask=mask, use_cache=True, **{cache_kw: cache}
             ).logits
             hi = min(e, n - 1)  # logits at s..hi-1 predict tokens s+1..hi
             if hi <= s:

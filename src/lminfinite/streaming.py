@@ -19,6 +19,8 @@ from transformers import PreTrainedModel
 
 from .api import is_enabled
 from .cache import LambdaCache
+from .compat import cache_keyword
+from .context import USE_LAMBDA_CACHE
 from .decoding import IncrementalDecoder, Sampler, Sampling, check_sampling, pick_token
 from .scoring import prefill
 
@@ -100,6 +102,10 @@ def stream(
         raise ValueError("stream() needs an lminfinite-enabled model: call lminfinite.enable(model) first")
     if cache is None:
         cache = LambdaCache.for_model(model)
+    elif not isinstance(cache, LambdaCache):
+        raise ValueError(
+            f"stream() into a {type(cache).__name__}: an enabled model fills a LambdaCache; {USE_LAMBDA_CACHE}"
+        )
     elif not cache.usable:
         raise ValueError(cache.refusal)
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
@@ -122,6 +128,7 @@ def _generate(
     first_turn = cache.get_seq_length() == 0
     ids = tokenizer.encode(prompt, add_special_tokens=first_turn) if prompt else []
     device = next(model.parameters()).device
+    cache_kw = cache_keyword(model)
     sampler = Sampler(sampling, torch.Generator().manual_seed(seed) if seed is not None else None)
     if not ids:
         if not first_turn:
@@ -138,7 +145,7 @@ def _generate(
         produced = 0
         while max_new_tokens is None or produced < max_new_tokens:
             with torch.no_grad():
-                logits = model(input_ids=pending, cache=cache, use_cache=True).logits[:, -1]
+                logits = model(input_ids=pending, use_cache=True, **{cache_kw: cache}).logits[:, -1]
             mark, pending = cache.get_seq_length(), None
             check_finite(logits, mark - 1)
             token = int(sampler(logits)[0])
@@ -163,7 +170,7 @@ def _generate(
             else:
                 try:
                     with torch.no_grad():
-                        model(input_ids=pending, cache=cache, use_cache=True, logits_to_keep=1)
+                        model(input_ids=pending, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
                 except Exception:  # e.g. the cache refuses it: the interrupted forward had begun
                     cache.invalidate(INCOMPLETE)
                 except BaseException:

@@ -19,6 +19,10 @@ every caller then dispatches through them.
   the window is recomputed; see `truncate.truncate_nll` for scoring).
 - `topk[:K[:FROM]]`: `lminfinite` with the top-k extension: in layers >= FROM (default 0) each
   query also attends its K (default 5) best middle tokens; the cache keeps every token.
+- `memory[:K[:BS[:DTYPE]]]`: `lminfinite` with block memory (`lminfinite.BlockMemory`): the middle is
+  kept in blocks of BS tokens (default 128), and each query chunk or decoded token also attends the K
+  (default 16) blocks whose representatives score best, seen at distance D; DTYPE is how the store
+  keeps them (float32, float16 or int8; default float32). `memory` = `memory:16:128:float32`.
 
 `parse_methods`, `applied` and `greedy` keep their string-based signatures for other callers.
 """
@@ -33,15 +37,18 @@ import torch
 from torch import nn
 
 from ..api import disable, enable
+from ..compat import cache_keyword
 from ..decoding import IncrementalDecoder, Sampler, Sampling
+from ..memory import STORE_DTYPES, BlockMemory
 from ..scoring import prefill
 from ..scoring import score as score_ids
 from ..streaming import check_finite, stream
 from .errors import BadValue
 from .truncate import truncate_nll
 
-METHODS = ("vanilla", "lminfinite", "truncate", "sinks", "topk")
-CACHED = ("lminfinite", "sinks", "topk")  # the methods that run on a LambdaCache
+METHODS = ("vanilla", "lminfinite", "truncate", "sinks", "topk", "memory")
+CACHED = ("lminfinite", "sinks", "topk", "memory")  # the methods that run on a LambdaCache
+PARAMETERISED = ("topk", "memory")  # the methods whose name may carry settings after a colon
 
 Picker = Callable[[torch.Tensor], torch.Tensor]
 
@@ -127,9 +134,10 @@ class Method:
         ids = torch.tensor([prompt], device=device)
         cache = prefill(model, ids[:, :-1], chunk_size=chunk_size)
         step = ids[:, -1:]
+        cache_kw = cache_keyword(model)  # an unmodified model on transformers 5.19 ignores `cache=`
         for k in range(max_new_tokens):
             with torch.no_grad():  # per forward: a `with` around the `yield` would leak into the caller
-                logits = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+                logits = model(input_ids=step, use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[0, -1]
             check_finite(logits, len(prompt) - 1 + k, self.name)
             token = int(pick(logits))
             yield token
@@ -227,6 +235,29 @@ class TopK(Method):
         return {"n_global": n_global, "n_local": n_local, "top_k": self.k, "top_k_from_layer": self.from_layer}
 
 
+class Memory(Method):
+    kind = "memory"
+
+    def __init__(self, name: str | None = None):
+        super().__init__(name)
+        self.memory = memory_setting(self.name)
+
+    @property
+    def setting(self) -> tuple:
+        return (self.kind, self.memory)
+
+    def check(self, n_global: int, n_local: int) -> None:
+        super().check(n_global, n_local)
+        if self.memory.block_size > n_local:
+            raise BadValue(
+                f"{self.name}: blocks of {self.memory.block_size} tokens need n_local >= {self.memory.block_size} "
+                f"(got {n_local})"
+            )
+
+    def enable_kwargs(self, n_global: int, n_local: int) -> dict | None:
+        return {"n_global": n_global, "n_local": n_local, "memory": self.memory}
+
+
 class Truncate(Method):
     kind = "truncate"
     cached = False
@@ -258,7 +289,7 @@ class Truncate(Method):
             yield seq[-1]
 
 
-KINDS: dict[str, type[Method]] = {cls.kind: cls for cls in (Vanilla, LMInfinite, Truncate, Sinks, TopK)}
+KINDS: dict[str, type[Method]] = {cls.kind: cls for cls in (Vanilla, LMInfinite, Truncate, Sinks, TopK, Memory)}
 
 
 def _check_prompt(prompt: Sequence[int]) -> list[int]:
@@ -283,13 +314,30 @@ def top_k_setting(method: str) -> tuple[int, int]:
     return k, first
 
 
+def memory_setting(method: str) -> BlockMemory:
+    """The BlockMemory of a `memory[:K[:BS[:DTYPE]]]` method (defaults 16, 128, float32)."""
+    parts = method.split(":")[1:]
+    usage = f"invalid method {method!r}: write memory, memory:K, memory:K:BS or memory:K:BS:DTYPE (K, BS >= 1"
+    usage += f", DTYPE one of {', '.join(STORE_DTYPES)}), e.g. memory:16:128:int8"
+    numbers, dtype = parts[:2], parts[2:]
+    if base(method) != "memory" or len(parts) > 3 or not all(p.isdigit() and int(p) > 0 for p in numbers):
+        raise BadValue(usage)
+    if dtype and dtype[0] not in STORE_DTYPES:
+        raise BadValue(usage)
+    k, bs = ([int(p) for p in numbers] + [16, 128][len(numbers) :])[:2]
+    try:
+        return BlockMemory(blocks=k, block_size=bs, dtype=dtype[0] if dtype else "float32")
+    except (TypeError, ValueError) as e:
+        raise BadValue(f"invalid method {method!r}: {e}") from None
+
+
 def get(method: str | Method) -> Method:
     """The Method object for a name such as "sinks" or "topk:8:2" (a Method is returned as is)."""
     if isinstance(method, Method):
         return method
     name = method.strip()
     kind = KINDS.get(base(name))
-    if kind is None or (":" in name and kind is not TopK):
+    if kind is None or (":" in name and kind.kind not in PARAMETERISED):
         raise BadValue(f"invalid method {name!r}; choose from {', '.join(METHODS)}")
     return kind(name)
 
@@ -298,7 +346,7 @@ def parse(spec: str) -> list[Method]:
     """`"vanilla,topk:8"` -> `[Vanilla, TopK(8, 0)]`, parsed once; unknown or repeated methods are errors
     (`topk` and `topk:5:0` are the same method)."""
     names = [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in names if base(m) not in KINDS or (":" in m and base(m) != "topk")]
+    bad = [m for m in names if base(m) not in KINDS or (":" in m and base(m) not in PARAMETERISED)]
     if bad or not names:
         raise BadValue(f"invalid method(s) {', '.join(bad) or repr(spec)}; choose from {', '.join(METHODS)}")
     methods = [get(m) for m in names]
