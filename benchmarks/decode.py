@@ -17,6 +17,7 @@ from common import parse_args, peak_rss_mb, realistic_model, report, run_point, 
 from transformers import DynamicCache
 
 import lminfinite
+from lminfinite.compat import cache_keyword
 
 
 def _vanilla_cache(model, context: int) -> DynamicCache:
@@ -43,7 +44,7 @@ def point(method: str, n_local: int, context: int, steps: int) -> dict:
     def decode(k):
         nonlocal token
         for _ in range(k):
-            logits = model(input_ids=token, cache=cache, use_cache=True).logits
+            logits = model(input_ids=token, use_cache=True, **{cache_keyword(model): cache}).logits
             token = logits[:, -1:].argmax(-1)
 
     decode(4)  # warm-up

@@ -172,6 +172,7 @@ def greedy_answer(
     truncate: every step reruns the model on the latest `n_local` ids, at fresh positions.
     """
     from lminfinite import prefill
+    from lminfinite.compat import cache_keyword
     from lminfinite.eval.methods import applied
 
     if not prompt:
@@ -187,7 +188,7 @@ def greedy_answer(
         cache = prefill(model, ids[:, :-1], chunk_size=chunk_size)  # the cache is filled in place
         step = ids[:, -1:]
         for _ in range(max_new_tokens):
-            logits = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=step, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache}).logits
             out.append(int(logits[0, -1].argmax()))
             step = torch.tensor([[out[-1]]])
     return out

@@ -35,6 +35,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from ...api import disable, enable
+from ...compat import cache_keyword
 from ...config import pretraining_length
 from ...eval import methods as eval_methods
 from ...eval.errors import BadValue
@@ -261,7 +262,7 @@ class LMInfiniteLM(HFLM):
         with torch.no_grad():
             for s in range(0, len(inputs), self.chunk_size):
                 ids = torch.tensor([inputs[s : s + self.chunk_size]], dtype=torch.long, device=self.device)
-                logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[0]
+                logits = self.model(input_ids=ids, use_cache=True, **{cache_keyword(self.model): cache}).logits[0]
                 logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
                 target = torch.tensor(cont[s : s + self.chunk_size], dtype=torch.long, device=logp.device)
                 total += float(logp.gather(-1, target[:, None]).sum())
