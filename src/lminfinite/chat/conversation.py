@@ -50,6 +50,7 @@ from torch import nn
 from ..api import config_of, enable
 from ..cache import LambdaCache
 from ..decoding import END_OF_TURN, IncrementalDecoder, Sampler, Sampling, stop_token_ids
+from ..memory import BlockMemory
 from ..scoring import prefill
 from ..streaming import check_finite
 
@@ -97,7 +98,9 @@ class Chat:
     """A multi-turn conversation with an lminfinite-enabled model, in one bounded `LambdaCache`.
 
     `n_global`, `n_local`: LM-Infinite's settings (None: the model's current ones if it is enabled, else
-    10 and the pretraining length); the model is enabled in place. `system`: a system message (needs a
+    10 and the pretraining length); `memory`: block memory (`lminfinite.BlockMemory`, None: the model's
+    current setting), so a fact far back in the conversation can still be found; the model is enabled in
+    place. `system`: a system message (needs a
     chat template). `max_new_tokens`: the longest answer (None: until end of turn). Greedy unless
     `do_sample`; then `temperature`, `top_k`, `top_p` (the sampling ones) and `seed` apply.
     `record=True` keeps every token fed to the cache in `self.tokens` (tests; it grows with the chat).
@@ -110,6 +113,7 @@ class Chat:
         *,
         n_global: int | None = None,
         n_local: int | None = None,
+        memory: BlockMemory | None = None,
         system: str | None = None,
         max_new_tokens: int | None = 512,
         do_sample: bool = False,
@@ -130,11 +134,12 @@ class Chat:
         if system is not None and not self.templated:
             raise ValueError("a system message needs a chat template; this tokenizer has none")
         current = config_of(model)
-        if n_global is not None or n_local is not None or current is None:
+        if n_global is not None or n_local is not None or memory is not None or current is None:
             enable(
                 model,
                 n_global=n_global if n_global is not None else (current.n_global if current else 10),
                 n_local=n_local if n_local is not None else (current.n_local if current else None),
+                memory=memory if memory is not None else (current.memory if current else None),
             )
         config = config_of(model)
         assert config is not None  # enabled just above
@@ -197,6 +202,7 @@ class Chat:
             "tokens_seen": self.tokens_seen,
             "cache_columns": _cache_columns(self.cache),
             "cache_bytes": _cache_bytes(self.cache),
+            "store_bytes": self.cache.store_bytes(),
             "n_global": self.n_global,
             "n_local": self.n_local,
             **{f"last_{k}": v for k, v in self.last_turn.items()},

@@ -31,6 +31,8 @@ def format_stats(stats: dict) -> str:
         parts.append(f"cache {stats['cache_columns']} columns")
     if "cache_bytes" in stats:
         parts.append(f"{stats['cache_bytes'] / 2**20:.1f} MiB")
+    if stats.get("store_bytes"):
+        parts.append(f"block memory {stats['store_bytes'] / 2**20:.1f} MiB")
     if "n_global" in stats and "n_local" in stats:
         parts.append(f"G={stats['n_global']} L={stats['n_local']}")
     if stats.get("last_tokens_per_s"):

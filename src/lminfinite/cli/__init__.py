@@ -31,7 +31,8 @@ from pathlib import Path
 from ..eval.errors import BadInput, BadValue, MissingDependency
 
 PROG = "lminfinite"
-ALL_METHODS = "vanilla,lminfinite,truncate,sinks"  # the default comparison; topk[:K[:FROM]] on request
+# the default comparison; topk[:K[:FROM]] and memory[:K[:BS[:DTYPE]]] on request
+ALL_METHODS = "vanilla,lminfinite,truncate,sinks"
 DEMO_TEXT = ("corpora", "tinystories_train_head.txt")
 BENCHMARKS = ("prefill", "decode", "score")  # what `benchmarks/run_all.py --only` accepts
 
@@ -154,6 +155,16 @@ def method_arg(text: str):
     return methods[0]
 
 
+def memory_arg(text: str):
+    """The `lminfinite.BlockMemory` of `--memory [K[:BS[:DTYPE]]]` (the settings of the `memory` method)."""
+    from ..eval.methods import memory_setting
+
+    try:
+        return memory_setting(f"memory:{text}" if text else "memory")
+    except BadValue as e:
+        raise argparse.ArgumentTypeError(str(e).replace("invalid method", "invalid --memory")) from None
+
+
 def buckets_arg(text: str):
     """Parse --buckets: "pow2", a bucket width ("512") or explicit edges ("0,512,1024,4096")."""
     if text == "pow2":
@@ -202,7 +213,7 @@ def _output_options(
         "--methods",
         type=method_objects,
         default=methods,
-        help=f"comma-separated, from {ALL_METHODS},topk[:K[:FROM_LAYER]]",
+        help=f"comma-separated, from {ALL_METHODS},topk[:K[:FROM_LAYER]],memory[:K[:BS[:DTYPE]]]",
     )
     g.add_argument("--out", default=out, help="write the results as JSON here")
     g.add_argument("--plot", default=plot, help="save a plot here (.png, .pdf, .svg, ...)")
@@ -344,7 +355,12 @@ def build_parser() -> Parser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
-    p.add_argument("--method", type=method_arg, default="lminfinite", help=f"one of {ALL_METHODS},topk[:K[:FROM]]")
+    p.add_argument(
+        "--method",
+        type=method_arg,
+        default="lminfinite",
+        help=f"one of {ALL_METHODS},topk[:K[:FROM]],memory[:K[:BS[:DTYPE]]]",
+    )
     p.add_argument("--max-new-tokens", type=nonneg_int, default=256, help="stop after this many tokens (or at EOS)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     s = p.add_argument_group("sampling (with --do-sample)")

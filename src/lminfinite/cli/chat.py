@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import sys
 
-from . import CliError, new_command, nonneg_int, temperature_arg, top_p_arg
+from . import CliError, memory_arg, new_command, nonneg_int, temperature_arg, top_p_arg
 
 DESCRIPTION = """Chat with a model in the terminal, for as long as you like: the conversation lives in one
 LM-Infinite cache (the first --n-global tokens and the last --n-local), so memory stays flat however long
 it gets. Each turn prefills only its new tokens. Answers stream as they are generated.
+
+With --memory, the tokens that leave the window are kept in blocks (block memory), and each new token also
+attends the few blocks that match it best, so a fact from far back in the conversation can still be found;
+that store grows with the conversation (/stats shows its size).
 
 In the chat: /reset forgets the conversation, /stats shows tokens seen and the cache's size, /exit (or
 Ctrl-D) quits; Ctrl-C stops the current answer and keeps the conversation. With input piped in (not a
@@ -23,6 +27,8 @@ terminal), each line is one user message and each answer is printed on one line.
 EXAMPLES = """examples:
   lminfinite chat                                   # SmolLM2-135M-Instruct (the bundled GGUF, else the hub)
   lminfinite chat --model smollm2 --n-local 1024 --system "You are a terse assistant."
+  lminfinite chat --n-local 512 --memory                    # block memory: 16 blocks of 128 tokens
+  lminfinite chat --n-local 512 --memory 8:64:int8          # 8 blocks of 64 tokens, stored in int8
   lminfinite chat --model path/to/model.gguf --do-sample --temperature 0.7 --top-p 0.9
   printf 'Hi!\\nWhat is 2+2?\\n/stats\\n' | lminfinite chat --max-new-tokens 64"""
 
@@ -39,6 +45,15 @@ def add_command(sub, model_options) -> None:
         type=nonneg_int,
         default=512,
         help="longest answer in tokens; 0: until the end-of-turn token (default 512)",
+    )
+    g.add_argument(
+        "--memory",
+        nargs="?",
+        const="",
+        metavar="K:BS:DTYPE",
+        type=memory_arg,
+        help="block memory: each token also attends the K best blocks of BS tokens that left the window, stored "
+        "as DTYPE (float32, float16, int8); --memory alone: 16:128:float32",
     )
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=temperature_arg, default=1.0, help="sampling temperature > 0 (default 1.0)")
@@ -69,6 +84,7 @@ def local_backend(args):
         tokenizer,
         n_global=args.n_global,
         n_local=args.n_local,
+        memory=args.memory,
         system=args.system,
         max_new_tokens=args.max_new_tokens or None,
         do_sample=args.do_sample,
@@ -88,6 +104,8 @@ def remote_backend(args):
 
     if args.sample_top_k is not None:
         raise CliError("--sample-top-k does not work with --server (the OpenAI API has no top-k)")
+    if args.memory is not None:
+        raise CliError("--memory does not work with --server (the server's method is set by `lminfinite serve`)")
     try:
         return RemoteChat(
             args.server,
@@ -115,7 +133,9 @@ def run_chat(args) -> int:
     backend = local_backend(args)
     template = "chat template" if backend.templated else "no chat template: plain text continuation"
     banner = (
-        f"{args.model}: G={backend.n_global} L={backend.n_local}, {template}. "
+        f"{args.model}: G={backend.n_global} L={backend.n_local}"
+        + (f", block memory {args.memory.blocks} x {args.memory.block_size} tokens" if args.memory else "")
+        + f", {template}. "
         "/reset, /stats, /exit; Ctrl-C stops an answer."
     )
     return repl(backend, banner=banner)

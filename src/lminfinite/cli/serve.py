@@ -6,18 +6,21 @@ import argparse
 import os
 from pathlib import Path
 
-from . import CliError, new_command, nonneg_int, positive_int
+from . import CliError, memory_arg, new_command, nonneg_int, positive_int
 
 DESCRIPTION = """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
 /health, /metrics) whose conversations never run out of context: each conversation keeps its bounded
 LambdaCache, and a request that extends a kept conversation (same API key) prefills only its new
 tokens. Binds 127.0.0.1 unless --host says otherwise; logs no prompt text unless --log-prompts.
 API keys: --api-key (repeatable), --api-key-file (one per line) or $LMINFINITE_API_KEY; none: no
-authentication and one shared session space."""
+authentication and one shared session space. --memory adds block memory: each session also keeps the tokens
+that left its window in blocks (its own store; /metrics shows lminfinite_store_bytes), and each token attends
+the few blocks that match it best."""
 
 EPILOG = """examples:
   lminfinite serve --model smollm2 --n-local 8192 --api-key KEY
   lminfinite serve --model stories260K --n-local 64 --port 8001 --max-sessions 8
+  lminfinite serve --model smollm2 --n-local 512 --memory 16:128:int8
   python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='KEY'); \\
 print(c.chat.completions.create(model='smollm2', messages=[{'role': 'user', 'content': 'Hi'}]))\""""
 
@@ -56,6 +59,15 @@ def add_command(sub, model_options) -> None:
     g.add_argument("--api-key-file", metavar="FILE", help="file with accepted API keys, one per line")
     g.add_argument("--served-model-name", help="model id clients send (default: --model, or a file's stem)")
     g.add_argument("--log-prompts", action="store_true", help="log prompt text (off: only sizes and timings)")
+    g.add_argument(
+        "--memory",
+        nargs="?",
+        const="",
+        metavar="K:BS:DTYPE",
+        type=memory_arg,
+        help="block memory per session: each token also attends the K best blocks of BS tokens that left the "
+        "window, stored as DTYPE (float32, float16, int8); --memory alone: 16:128:float32",
+    )
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     g.add_argument(
         "--threads",
@@ -172,11 +184,16 @@ def run_serve(args) -> int:
 
         torch.set_num_threads(args.threads)
     model, tokenizer, _ = _setup(args)
-    lminfinite.enable(model, n_global=args.n_global, n_local=args.n_local)
+    try:
+        lminfinite.enable(model, n_global=args.n_global, n_local=args.n_local, memory=args.memory)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(model, tokenizer, config)
     _say(
-        f"lminfinite serve: {config.model_name} (G={args.n_global}, L={args.n_local}) on http://{args.host}:{args.port}/v1"
+        f"lminfinite serve: {config.model_name} (G={args.n_global}, L={args.n_local}"
+        + (f", block memory {args.memory.blocks} x {args.memory.block_size}" if args.memory else "")
+        + f") on http://{args.host}:{args.port}/v1"
         f" ({'API key required' if keys else 'no API key'})"
     )
     # on SIGTERM or Ctrl-C, requests still running near the end of --shutdown-grace end with a 503 (an error

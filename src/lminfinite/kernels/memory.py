@@ -84,12 +84,14 @@ class Memory:
 
 
 def _gather(store: torch.Tensor, scale: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Blocks `slots` (B, Hkv, K) of `store` (B, Hkv, N, bs, d), dequantized: (B, Hkv, K, bs, d) in `dtype`."""
+    """Blocks `slots` (B, Hkv, K) of `store` (B, Hkv, N, bs, d), dequantized: (B, Hkv, K, bs, d) in `dtype`.
+    Whole blocks are copied (one row of a (B * Hkv * N, bs * d) view each), not element by element."""
     B, Hkv, N, bs, d = store.shape
-    index = slots[..., None, None]
-    out = torch.gather(store, 2, index.expand(-1, -1, -1, bs, d)).to(dtype)
+    K = slots.shape[-1]
+    rows = (torch.arange(B * Hkv, device=slots.device).view(B, Hkv, 1) * N + slots).flatten()
+    out = store.reshape(B * Hkv * N, bs * d).index_select(0, rows).view(B, Hkv, K, bs, d).to(dtype)
     if scale is not None:
-        out = out * torch.gather(scale, 2, index.expand(-1, -1, -1, bs, 1)).to(dtype)
+        out = out * scale.reshape(B * Hkv * N, bs).index_select(0, rows).view(B, Hkv, K, bs, 1).to(dtype)
     return out
 
 

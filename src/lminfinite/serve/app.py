@@ -143,7 +143,12 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         key_sessions=config.key_sessions,
         key_cache_bytes=config.key_cache_bytes,
     )
-    metrics = Metrics(sessions=lambda: len(store), cache_bytes=store.cache_bytes, active=lambda: scheduler.in_flight)
+    metrics = Metrics(
+        sessions=lambda: len(store),
+        cache_bytes=store.cache_bytes,
+        active=lambda: scheduler.in_flight,
+        store_bytes=store.store_bytes,
+    )
     scheduler = Scheduler(engine, store, metrics, config.max_concurrency, config.step_tokens, config.session_reuse)
     limits = Limits(max_tokens_cap=config.max_tokens_cap, vocab_size=int(model.config.vocab_size))
     keys = tuple(k.encode() for k in config.api_keys)

@@ -166,6 +166,7 @@ class Metrics:
         sessions: Callable[[], float] = lambda: 0,
         cache_bytes: Callable[[], float] = lambda: 0,
         active: Callable[[], float] = lambda: 0,
+        store_bytes: Callable[[], float] = lambda: 0,
     ):
         p = "lminfinite_"
         self.requests = Counter(
@@ -206,6 +207,11 @@ class Metrics:
         )
         self.sessions = Gauge(p + "sessions", "Live sessions (kept and in use).", sessions)
         self.cache_bytes = Gauge(p + "cache_bytes", "Bytes of the KV caches of all live sessions.", cache_bytes)
+        self.store_bytes = Gauge(
+            p + "store_bytes",
+            "Bytes of the block-memory stores of all live sessions (serve --memory; counted in cache_bytes too).",
+            store_bytes,
+        )
         self.active = Gauge(p + "active_requests", "Requests admitted and not finished (queued or running).", active)
         self.rss = Gauge(
             p + "process_resident_memory_bytes", "Resident memory of the server process.", resident_memory_bytes

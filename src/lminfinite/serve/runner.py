@@ -25,9 +25,11 @@ def load(
     n_global: int = 10,
     n_local: int | None = None,
     seed: int = 0,
+    memory=None,
     **config,
 ):
-    """(app, model, tokenizer): the model loaded by `lminfinite.models.load_model`, enabled with (G, L)."""
+    """(app, model, tokenizer): the model loaded by `lminfinite.models.load_model`, enabled with (G, L) and
+    block memory `memory` (a `lminfinite.BlockMemory`, None: off)."""
     import torch
 
     import lminfinite
@@ -37,7 +39,7 @@ def load(
 
     torch.manual_seed(seed)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    lminfinite.enable(lm, n_global=n_global, n_local=n_local)
+    lminfinite.enable(lm, n_global=n_global, n_local=n_local, memory=memory)
     config.setdefault("model_name", served_name(model))
     return create_app(lm, tokenizer, ServeConfig(**config)), lm, tokenizer
 

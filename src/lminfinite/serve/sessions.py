@@ -118,6 +118,10 @@ class SessionStore:
     def cache_bytes(self, namespace: str | None = None) -> int:
         return sum(s.bytes for s in self.sessions(namespace))
 
+    def store_bytes(self) -> int:
+        """Bytes of the block-memory stores of all live sessions (0 without block memory; part of `cache_bytes`)."""
+        return sum(getattr(s.cache, "store_bytes", lambda: 0)() for s in self.sessions())
+
     def sessions(self, namespace: str | None = None) -> list[Session]:
         return [s for s in list(self._sessions.values()) if namespace is None or s.namespace == namespace]
 

@@ -6,9 +6,9 @@ What differs from the harness's "hf" model:
 - `pretrained`: anything `lminfinite.models.load_model` takes (`stories260K`, `smollm2`, a llama2.c `.bin`, a
   `.gguf` file, a hub name, a model folder) or an already-loaded model (then pass `tokenizer=`, and
   `model_name=` for the name the results and the offline tasks know it by).
-- The method (`lminfinite`, `topk[:K[:FROM]]`, `sinks`, `vanilla`, `truncate`) is switched on once, when the
-  model is built, with `n_global`, `n_local`, `limit_distance`, `top_k`, `top_k_from_layer` and `backend`
-  (the attention kernel: auto, torch, naive, flex).
+- The method (`lminfinite`, `topk[:K[:FROM]]`, `memory[:K[:BS[:DTYPE]]]`, `sinks`, `vanilla`, `truncate`) is
+  switched on once, when the model is built, with `n_global`, `n_local`, `limit_distance`, `top_k`,
+  `top_k_from_layer` and `backend` (the attention kernel: auto, torch, naive, flex).
 - `max_length` is unbounded unless given: the harness never left-truncates a context.
 - `loglikelihood`: a request whose input fits in one forward of `chunk_size` tokens goes through HFLM's own
   batched code; a longer one is prefilled through the cache in chunks (`lminfinite.prefill`) and only its
@@ -153,8 +153,10 @@ class LMInfiniteLM(HFLM):
         model, method = self.model, self._method
         method.check(self.n_global, self.n_local)
         settings = {"method": method.name, "n_global": self.n_global, "n_local": self.n_local}
-        if method.kind in ("lminfinite", "topk"):
+        if method.kind in ("lminfinite", "topk", "memory"):
             kwargs = method.enable_kwargs(self.n_global, self.n_local)
+            if method.kind == "memory" and (top_k or top_k_from_layer is not None):
+                raise BadValue(f"method={method.name} chooses blocks, not tokens: it takes no top_k/top_k_from_layer")
             if method.kind == "topk":
                 explicit = method.name.count(":")
                 if (explicit >= 1 and top_k not in (None, method.k)) or (
@@ -176,6 +178,11 @@ class LMInfiniteLM(HFLM):
                 top_k=kwargs.get("top_k", 0),
                 top_k_from_layer=kwargs.get("top_k_from_layer", 0),
             )
+            if method.kind == "memory":
+                memory = kwargs["memory"]
+                settings.update(
+                    memory={"blocks": memory.blocks, "block_size": memory.block_size, "dtype": memory.dtype}
+                )
             return settings
         given = {"limit_distance": limit_distance, "top_k": top_k or None, "top_k_from_layer": top_k_from_layer}
         given = {k: v for k, v in given.items() if v is not None}
