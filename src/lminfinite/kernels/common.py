@@ -90,19 +90,17 @@ def global_piece(
     if far.middle is not None:
         top_scores, top_values = topk.select(qg_b, far.middle, q_idx_b, n_global, n_local, mod, rep)
         scores = torch.cat([scores, top_scores], dim=-1)
-    M = 0
-    if far.memory is not None:
-        mem_scores, mem_values = memory.select(qg_b, far.memory, q_idx_b, s, e, n_global, n_local, mod, rep)
-        M = mem_scores.shape[-1]
-        scores = torch.cat([scores, mem_scores], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.clamp(min=NEG)[..., None])
     out = (probs[..., :S].to(far.values.dtype).reshape(B, Hkv, rep * n, S) @ far.values).view(B, H, n, -1)
     if far.middle is not None:
-        out = out + (probs[..., S : scores.shape[-1] - M, None] * top_values.float()).sum(-2).to(out.dtype)
-    if M:
-        mem_out = (probs[..., -M:].reshape(B, Hkv, rep * n, M) @ mem_values).view(B, H, n, -1)
-        out = out + mem_out.to(out.dtype)
+        out = out + (probs[..., S:, None] * top_values.float()).sum(-2).to(out.dtype)
+    if far.memory is not None:  # the chosen blocks: a piece of their own, merged exactly
+        mem_out, mem_lse = memory.piece(qg_b, far.memory, q_idx_b, s, e, n_global, n_local, mod, rep)
+        total = torch.logaddexp(lse, mem_lse)
+        floor = total.clamp(min=NEG)[..., None]
+        out = out.float() * torch.exp(lse[..., None] - floor) + mem_out * torch.exp(mem_lse[..., None] - floor)
+        out, lse = out.to(far.values.dtype), total
     return out, lse
 
 

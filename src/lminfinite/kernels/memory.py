@@ -9,10 +9,10 @@ chunk (`rule.memory_rule`); the choice itself is made outside the kernels.
 
 `Memory` is what a kernel gets (one layer, one forward): the layer's store of blocks (as stored:
 float32, float16, or int8 with scales), the blocks chosen by each chunk, and each query's chunk.
-`select` gives the logits and values of the chosen blocks for a span of queries (gathered and
-dequantized per chunk, never the whole store), to join the far keys' softmax; `piece` is the same
-as an (output, log-sum-exp) piece for the exact merge; `dense_scores` scores every stored key of
-every query under the rule, for the naive reference.
+`piece` attends a span of queries to their chunks' chosen blocks (gathered and dequantized per chunk,
+never the whole store) and returns an (output, log-sum-exp) piece, which merges exactly with the
+other far keys (`common.global_piece`); `dense_scores` scores every stored key of every query under
+the rule, for the naive reference.
 """
 
 from __future__ import annotations
@@ -100,40 +100,6 @@ def _heads(mask: torch.Tensor, H: int) -> torch.Tensor:
     return mask if mask.shape[1] in (1, H) else mask.repeat_interleave(H // mask.shape[1], 1)
 
 
-def select(
-    qg_b: torch.Tensor,
-    mem: Memory,
-    q_idx_b: torch.Tensor,
-    s: int,
-    e: int,
-    n_global: int,
-    n_local: int,
-    mod: ScoreMod,
-    rep: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For queries [s, e) of the forward, `qg_b` (batch, heads, n, d) at distance D: the logits of the keys
-    of their chunks' chosen blocks (batch, heads, n, M), -inf where a query does not see a key, and those
-    keys' values (batch, kv_heads, M, dv). M = (chunks met in [s, e)) * K * block_size."""
-    B, H, n, _ = qg_b.shape
-    Hkv = mem.keys.shape[1]
-    chunk = mem.chunk[:, s:e].to(qg_b.device)
-    present = chunk[chunk >= 0]
-    scores, values = [], []
-    if present.numel():
-        for c in range(int(present.min()), int(present.max()) + 1):
-            keys, vals, idx = mem.blocks(mem.chosen[:, :, c], qg_b.device)
-            dots = (qg_b.reshape(B, Hkv, rep * n, -1).float() @ keys.transpose(-1, -2)).view(B, H, n, -1)
-            logits = mod.far(dots, q_idx_b[:, None, :, None], idx[:, :, None, :], (1, H))
-            in_chunk = (chunk == c)[:, None, :, None]
-            allowed = _heads(memory_rule(q_idx_b[:, None, :, None], idx[:, :, None, :], n_global, n_local, in_chunk), H)
-            scores.append(logits.masked_fill(~allowed, float("-inf")))
-            values.append(vals)
-    if not scores:
-        dv = mem.values.shape[-1]
-        return qg_b.new_zeros(B, H, n, 0, dtype=torch.float32), qg_b.new_zeros(B, Hkv, 0, dv, dtype=torch.float32)
-    return torch.cat(scores, -1), torch.cat(values, -2)
-
-
 def piece(
     qg_b: torch.Tensor,
     mem: Memory,
@@ -145,15 +111,39 @@ def piece(
     mod: ScoreMod,
     rep: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block memory alone for queries [s, e): (output (batch, heads, n, dv), log-sum-exp (batch, heads, n)),
-    -inf log-sum-exp and 0 output where a query sees no memory key; merges exactly with the other pieces."""
-    scores, values = select(qg_b, mem, q_idx_b, s, e, n_global, n_local, mod, rep)
-    B, H, n, M = scores.shape
-    Hkv = values.shape[1]
-    lse = torch.logsumexp(scores, -1) if M else scores.new_full((B, H, n), float("-inf"))
-    probs = torch.exp(scores - lse.clamp(min=torch.finfo(torch.float32).min)[..., None])
-    out = (probs.reshape(B, Hkv, rep * n, M) @ values.float()).view(B, H, n, -1)
-    return out.to(qg_b.dtype), lse
+    """Block memory for queries [s, e) of the forward, `qg_b` (batch, heads, n, d) moved to distance D:
+    (output (batch, heads, n, dv), log-sum-exp (batch, heads, n)) over the keys of the blocks chosen for each
+    query's chunk; 0 and -inf where a query sees none. It merges exactly with the other pieces.
+
+    Chunk by chunk: each chunk's blocks are gathered (and dequantized) once and scored by that chunk's
+    queries only, so a span that meets several chunks costs what its queries need, not chunks x span."""
+    B, H, n, d = qg_b.shape
+    Hkv, dv = mem.keys.shape[1], mem.values.shape[-1]
+    chunk = mem.chunk[:, s:e].to(qg_b.device)
+    out = qg_b.new_zeros(B, H, n, dv, dtype=torch.float32)
+    lse = qg_b.new_full((B, H, n), float("-inf"), dtype=torch.float32)
+    present = chunk[chunk >= 0]
+    if not present.numel():
+        return out, lse
+    for c in range(int(present.min()), int(present.max()) + 1):
+        members = chunk == c  # (B, n): a query belongs to one chunk of its row
+        cols = members.any(0).nonzero()
+        if not cols.numel():
+            continue
+        a, b = int(cols.min()), int(cols.max()) + 1
+        m = b - a
+        keys, vals, idx = mem.blocks(mem.chosen[:, :, c], qg_b.device)
+        dots = (qg_b[:, :, a:b].reshape(B, Hkv, rep * m, d).float() @ keys.transpose(-1, -2)).view(B, H, m, -1)
+        qi, ki, mine = q_idx_b[:, None, a:b, None], idx[:, :, None, :], members[:, None, a:b, None]
+        logits = mod.far(dots, qi, ki, (1, H))
+        logits = logits.masked_fill(~_heads(memory_rule(qi, ki, n_global, n_local, mine), H), float("-inf"))
+        part = torch.logsumexp(logits, -1)  # (B, H, m)
+        probs = torch.exp(logits - part.clamp(min=torch.finfo(torch.float32).min)[..., None])
+        o = (probs.reshape(B, Hkv, rep * m, -1) @ vals).view(B, H, m, dv)
+        take = members[:, None, a:b]
+        out[:, :, a:b] = torch.where(take[..., None], o, out[:, :, a:b])
+        lse[:, :, a:b] = torch.where(take, part, lse[:, :, a:b])
+    return out, lse
 
 
 def chosen_mask(mem: Memory) -> torch.Tensor:
@@ -184,4 +174,4 @@ def dense_scores(
     return logits.masked_fill(~allowed, float("-inf")), values
 
 
-__all__ = ["Memory", "chosen_mask", "dense_scores", "piece", "select"]
+__all__ = ["Memory", "chosen_mask", "dense_scores", "piece"]
