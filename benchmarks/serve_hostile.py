@@ -17,10 +17,16 @@ retries):
 
 Reported per phase: requests served per second to the well-behaved clients (200s only), their p50/p95
 latency, their 429s and 503s; the hostile traffic's outcomes; the server's counters (no 500 may appear); the CPU
-seconds the server and the clients (this process: the attackers run on the same machine) used; and the server's
-peak RSS (its VmHWM, reset at the start of each phase) against its idle RSS.
+seconds the server and the clients (this process) used; and the server's peak RSS (its VmHWM, reset at the start
+of each phase) against its idle RSS. The clients stand in for clients on other machines: once the server is up,
+this process lowers its own CPU priority (`--client-nice 19`), so that on a small machine the server is not
+measured against its attackers' own CPU use.
 
     python benchmarks/serve_hostile.py [--seconds 30] [--clients 4] [--slow 20] [--max-tokens 16] [--threads 1]
+        [--attacks slow,abandoned,oversized,burst] [--breakdown]
+
+`--breakdown` runs quiet, each attack alone, all of them together, and quiet again (the second quiet phase
+shows how much the machine itself changed meanwhile).
 
 Writes benchmarks/results/serve_hostile.json.
 """
@@ -32,6 +38,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -44,6 +51,7 @@ from common import RESULTS, environment
 
 from lminfinite.serve.metrics import parse_metrics
 
+ATTACKS = ("slow", "abandoned", "oversized", "burst")
 KEY = "bench-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = ["Tell me a story about a cat.", "Where is the red ball?", "What did mom say?", "Was the dog happy?"]
@@ -248,7 +256,9 @@ def burst(server: Server, stop: threading.Event, outcomes: Counter, lock: thread
         stop.wait(2.0)
 
 
-def phase(server: Server, args, hostile: bool) -> dict:
+def phase(server: Server, args, attacks: str) -> dict:
+    """`--seconds` of the well-behaved clients beside the hostile ones named in `attacks` (comma-separated;
+    empty: none)."""
     stop, lock = threading.Event(), threading.Lock()
     served: list[dict] = []
     outcomes: Counter = Counter()
@@ -259,19 +269,20 @@ def phase(server: Server, args, hostile: bool) -> dict:
     threads = [
         threading.Thread(target=well_behaved, args=(server, stop, args, w, served, lock)) for w in range(args.clients)
     ]
-    attacks = set(args.attacks.split(",")) if hostile else set()
+    hostile = bool(attacks)
+    kinds = set(attacks.split(",")) if attacks else set()
     common = (server, stop, outcomes, lock)
-    if "slow" in attacks:
+    if "slow" in kinds:
         threads += [threading.Thread(target=slow_head, args=common) for _ in range(args.slow)]
         threads += [threading.Thread(target=slow_body, args=common) for _ in range(args.slow)]
-    if "abandoned" in attacks:
+    if "abandoned" in kinds:
         threads += [threading.Thread(target=abandoned, args=common)]
-    if "oversized" in attacks:
+    if "oversized" in kinds:
         payload = json.dumps(
             {"model": "stories260K", "messages": [{"role": "user", "content": "猫" * 900_000}]}, ensure_ascii=False
         ).encode()
         threads += [threading.Thread(target=oversized, args=(*common, payload)) for _ in range(6)]
-    if "burst" in attacks:
+    if "burst" in kinds:
         threads += [threading.Thread(target=burst, args=common)]
     start = time.perf_counter()
     for t in threads:
@@ -287,7 +298,7 @@ def phase(server: Server, args, hostile: bool) -> dict:
     latencies = [r["latency_s"] for r in ok]
     counters = {k.removeprefix("lminfinite_"): after[k] - before.get(k, 0) for k in after if "_total" in k}
     return {
-        "phase": f"hostile ({args.attacks})" if hostile else "quiet",
+        "phase": f"hostile: {attacks}" if hostile else "quiet",
         "seconds": args.seconds,
         "wall_s": round(wall, 1),
         "well_behaved": {
@@ -315,31 +326,52 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per well-behaved answer")
     p.add_argument("--read-timeout", type=float, default=5.0, help="the server's --read-timeout")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (0: torch's default)")
-    p.add_argument("--attacks", default="slow,abandoned,oversized,burst", help="the hostile clients of phase 2")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help="the hostile clients of phase 2")
+    p.add_argument("--client-nice", type=int, default=19, help="nice increment of this (client) process after start")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="phases: quiet, each attack alone, all together, quiet again (instead of quiet, then --attacks)",
+    )
     p.add_argument("--out", default=str(RESULTS / "serve_hostile.json"))
     args = p.parse_args(argv)
     result = {"benchmark": "serve_hostile", "environment": environment(), "config": vars(args)}
     start = time.perf_counter()
     server = Server(args)
+    # The clients, well-behaved and hostile, stand in for clients on other machines: they run at the lowest CPU
+    # priority, so that the server is not measured against its own attackers' CPU use on a small machine.
+    result["client_nice"] = os.nice(args.client_nice) if args.client_nice else os.nice(0)
     try:
         result["server_idle_rss_mb"] = round(server.rss_mb(), 1)
         result["phases"] = []
-        for hostile in (False, True):
-            row = phase(server, args, hostile)
+        plan = ["", args.attacks] if not args.breakdown else ["", *ATTACKS, ",".join(ATTACKS), ""]
+        for attacks in plan:
+            row = phase(server, args, attacks)
             print(json.dumps(row), flush=True)
             result["phases"].append(row)
         result["server_alive_after"] = httpx.get(f"{server.url}/health", timeout=30).json()["status"]
     finally:
         server.stop()
-    quiet, attacked = result["phases"]
+    quiet = [r for r in result["phases"] if r["phase"] == "quiet"]
+    base = statistics.mean(r["well_behaved"]["served_per_s"] for r in quiet)
     result["summary"] = {
-        "served_per_s_quiet": quiet["well_behaved"]["served_per_s"],
-        "served_per_s_hostile": attacked["well_behaved"]["served_per_s"],
-        "ratio": round(attacked["well_behaved"]["served_per_s"] / max(1e-9, quiet["well_behaved"]["served_per_s"]), 3),
+        "served_per_s_quiet": [r["well_behaved"]["served_per_s"] for r in quiet],
+        "served_per_s_hostile": {
+            r["phase"].removeprefix("hostile: "): r["well_behaved"]["served_per_s"]
+            for r in result["phases"]
+            if r["phase"] != "quiet"
+        },
+        "ratio_to_quiet_mean": {
+            r["phase"].removeprefix("hostile: "): round(r["well_behaved"]["served_per_s"] / max(1e-9, base), 3)
+            for r in result["phases"]
+            if r["phase"] != "quiet"
+        },
         "idle_rss_mb": result["server_idle_rss_mb"],
-        "peak_rss_mb_hostile": attacked["server_peak_rss_mb"],
-        "peak_above_idle_mb": round(attacked["server_peak_rss_mb"] - result["server_idle_rss_mb"], 1),
-        "server_500s": quiet["server_500s"] + attacked["server_500s"],
+        "peak_rss_mb": max(r["server_peak_rss_mb"] for r in result["phases"]),
+        "peak_above_idle_mb": round(
+            max(r["server_peak_rss_mb"] for r in result["phases"]) - result["server_idle_rss_mb"], 1
+        ),
+        "server_500s": sum(r["server_500s"] for r in result["phases"]),
     }
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
