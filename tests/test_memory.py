@@ -22,7 +22,7 @@ import lminfinite
 from lminfinite import LambdaCache, LambdaConfig
 from lminfinite.kernels import memory as kmem
 from lminfinite.kernels.score_mod import ScoreMod
-from lminfinite.memory import BlockMemory, BlockStore, choose, chunks_of, summarise
+from lminfinite.memory import BlockMemory, BlockStore, HotBlocks, choose, chunks_of, summarise
 from lminfinite.positions import Alibi
 from lminfinite.rule import block_of, memory_rule, middle_blocks, middle_rule, query_chunk
 
@@ -43,7 +43,7 @@ def test_defaults():
         None,
         True,
     )
-    assert m.query_chunk == 128 and m.applies_to(0) and m.applies_to(10**6)
+    assert m.query_chunk == 128 and m.hot_blocks == 64 and m.applies_to(0) and m.applies_to(10**6)
     assert BlockMemory(chunk=64).query_chunk == 64
 
 
@@ -65,6 +65,7 @@ def test_defaults():
         (dict(layers=5), TypeError, "layers must be layer numbers"),
         (dict(chunk=0), ValueError, "chunk must be >= 1"),
         (dict(shared="yes"), TypeError, "shared must be a bool"),
+        (dict(hot_blocks=0), ValueError, "hot_blocks must be >= 1"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, error, match):
@@ -247,6 +248,47 @@ def test_select_rows_and_reset():
     assert store.formed.tolist() == [4, 4, 5]
     store.reset()
     assert store.first is None and store.formed is None and store.nbytes() == 0
+
+
+def test_hot_blocks_are_an_lru_that_copies_only_misses():
+    stored = [torch.arange(2 * 3 * 5 * 2 * 1).float().view(2, 3, 5, 2, 1)]  # (batch, kv_heads, slots, bs, 1)
+    hot = HotBlocks(3, torch.device("cpu"))
+
+    def fetch(*pairs):
+        rows, slots = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+        [got] = hot.fetch(stored, rows, slots)
+        for (r, sl), block in zip(pairs, got, strict=True):
+            assert torch.equal(block, stored[0][r, :, sl])
+        return hot.copied
+
+    assert fetch((0, 1), (1, 4)) == 2
+    assert fetch((1, 4), (0, 1)) == 2  # both held: nothing copied
+    assert fetch((0, 2)) == 3  # a free place
+    assert fetch((0, 3)) == 4  # full: the least recently used, (1, 4), goes
+    assert (1, 4) not in hot.where and fetch((0, 1), (0, 2), (0, 3)) == 4
+    hot.forget(0, 2)
+    assert fetch((0, 2)) == 5  # a replaced slot is copied again
+    assert hot.fetch(stored, torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 0])) is None  # more than it holds
+    hot.clear()
+    assert fetch((0, 1)) == 6
+
+
+@pytest.mark.parametrize("capacity", [2, 64])
+def test_memory_through_hot_blocks_equals_direct_reads(capacity):
+    """A store in host memory serves the blocks through its LRU (on an accelerator); forced here on the CPU,
+    the kernel reads exactly what it reads from the store directly, also when the LRU is too small."""
+    store = _filled_store(2, 2, 4, G=1, bs=2, R=1, K=3, n_blocks=9, chunk=2, dtype="int8")
+    qg = torch.randn(2, 4, 6, 4)
+    q_idx = (30 + torch.arange(6)).expand(2, 6)
+    choice = choose(store, qg, q_idx, 4)
+    direct = store.memory_of(choice.chosen, choice.chunk)
+    store.hot = HotBlocks(capacity, torch.device("cpu"))
+    for _ in range(2):  # the second time from the LRU
+        via_hot = store.memory_of(choice.chosen, choice.chunk)
+        for name in ("keys", "values", "key_scale", "value_scale", "first", "chosen", "chunk"):
+            assert torch.equal(getattr(via_hot, name), getattr(direct, name)), name
+    used = int((direct.first >= 0).sum())
+    assert store.hot.copied == (used if capacity >= used else 0)
 
 
 # ----------------------------------------------------------------------------------------------- the choice

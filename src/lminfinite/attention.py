@@ -122,7 +122,7 @@ def memory_blocks(
     if store.first is None:
         return None
     choice = choose(store, qg, plan.q_idx.to(store.first.device), spec.n_local)
-    return store.memory_of(choice.chosen, choice.chunk.to(qg.device))
+    return store.memory_of(choice.chosen, choice.chunk, qg.device)
 
 
 def _check_call(module: torch.nn.Module, spec: LayerSpec, plan: ForwardPlan, key: torch.Tensor, kwargs) -> None:

@@ -15,6 +15,7 @@ This module owns the frozen settings (`BlockMemory`), one layer's store (`BlockS
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -51,6 +52,9 @@ class BlockMemory:
     shared: one choice for all heads of a layer (True), or one per kv head (False).
     chunk: queries that choose together in a prefill, aligned on token indices (None: `block_size`).
         A decoded token chooses alone.
+    hot_blocks: on an accelerator, the store's keys and values live in host memory and the chosen blocks
+        are copied in; the `hot_blocks` most recently used blocks of each layer stay on the device (an LRU),
+        so a decoded token that chooses what the previous one chose copies nothing.
 
     The defaults attend 16 x 128 = 2048 memory tokens per query on top of the window.
     """
@@ -63,6 +67,7 @@ class BlockMemory:
     max_blocks: int | None = None
     shared: bool = True
     chunk: int | None = None
+    hot_blocks: int = 64
 
     def __post_init__(self) -> None:
         _int("block_size", self.block_size, 1)
@@ -75,6 +80,7 @@ class BlockMemory:
             )
         if self.chunk is not None:
             _int("chunk", self.chunk, 1)
+        _int("hot_blocks", self.hot_blocks, 1)
         if self.max_blocks is not None:
             _int("max_blocks", self.max_blocks, 1)
             if self.max_blocks < self.blocks:
@@ -154,6 +160,53 @@ def summarise(keys: torch.Tensor, representatives: int) -> torch.Tensor:
     return keys.float().reshape(*lead, representatives, bs // representatives, d).mean(-2)
 
 
+class HotBlocks:
+    """The blocks of a store in host memory most recently read, kept on the compute device: an LRU of
+    `capacity` blocks. `fetch` returns the blocks asked for on the device, copying in only those it does not
+    hold; `forget` drops a slot whose block was replaced, `clear` everything (rows reordered)."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.capacity, self.device = capacity, device
+        self.pools: list[torch.Tensor] | None = None  # one per stored tensor: (capacity, kv_heads, bs, x)
+        self.where: OrderedDict[tuple[int, int], int] = OrderedDict()  # (row, slot) -> pool index, oldest first
+        self.copied = 0  # blocks copied in so far
+
+    def fetch(self, stored: list[torch.Tensor], rows: torch.Tensor, slots: torch.Tensor) -> list[torch.Tensor] | None:
+        """Blocks (`rows`, `slots`: 1-D, each pair once) of the host tensors `stored` (batch, kv_heads, slots, bs, x):
+        per tensor (n, kv_heads, bs, x) on the device; None when more are asked for than the LRU holds."""
+        wanted = list(zip(rows.tolist(), slots.tolist(), strict=True))
+        if len(wanted) > self.capacity:
+            return None
+        if self.pools is None:
+            self.pools = [
+                torch.empty(self.capacity, t.shape[1], *t.shape[3:], dtype=t.dtype, device=self.device) for t in stored
+            ]
+        asked = set(wanted)
+        free = sorted(set(range(self.capacity)) - set(self.where.values()), reverse=True)
+        index = []
+        for key in wanted:
+            if key in self.where:
+                self.where.move_to_end(key)
+            else:
+                i = free.pop() if free else self.where.pop(next(k for k in self.where if k not in asked))
+                for pool, t in zip(self.pools, stored, strict=True):
+                    pool[i].copy_(t[key[0], :, key[1]], non_blocking=True)
+                self.where[key] = i
+                self.copied += 1
+            index.append(self.where[key])
+        where = torch.tensor(index, dtype=torch.long, device=self.device)
+        return [pool.index_select(0, where) for pool in self.pools]
+
+    def forget(self, row: int, slot: int) -> None:
+        self.where.pop((row, slot), None)
+
+    def clear(self) -> None:
+        self.where.clear()
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.pools or [])
+
+
 class BlockStore:
     """One layer's blocks, for each row of a batch.
 
@@ -163,10 +216,16 @@ class BlockStore:
     holds the representatives; `uses` counts how often each slot was chosen; `formed` (batch,) how many
     blocks each row has put in the store (blocks are formed in order: block b holds the middle tokens
     `G + b * bs ..`); `evicted` how many the cap removed.
+
+    Where it lives: the representatives and the bookkeeping beside the model; keys and values too on the
+    CPU, but in host memory when the model runs on an accelerator (`host`), with the most recently chosen
+    blocks kept on the device (`HotBlocks`, `BlockMemory.hot_blocks`).
     """
 
     def __init__(self, memory: BlockMemory, n_global: int):
         self.memory, self.n_global = memory, n_global
+        self.host: torch.device | None = None  # where keys and values live (set by the first block)
+        self.hot: HotBlocks | None = None
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.key_scale: torch.Tensor | None = None
@@ -188,18 +247,47 @@ class BlockStore:
         return None if self.first is None else (self.first >= 0).sum(1)
 
     def nbytes(self) -> int:
-        """Bytes held by the store (keys, values, scales, representatives, bookkeeping)."""
+        """Bytes held by the store (keys, values, scales, representatives, bookkeeping, hot blocks)."""
         tensors = (self.keys, self.values, self.key_scale, self.value_scale, self.summary, self.first, self.uses)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        hot = 0 if self.hot is None else self.hot.nbytes()
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None) + hot
 
     def tokens_held(self) -> int:
         """Tokens held in filled slots, over all rows."""
         return 0 if self.first is None else int((self.first >= 0).sum()) * self.memory.block_size
 
-    def memory_of(self, chosen: torch.Tensor, chunk: torch.Tensor) -> Memory:
-        """What a kernel reads: these blocks, with the choice `chosen` (batch, Hc, C, K) of query chunks `chunk`."""
+    def memory_of(self, chosen: torch.Tensor, chunk: torch.Tensor, device: torch.device | None = None) -> Memory:
+        """What a kernel reads in one forward: the blocks some query chunk chose (`chosen` (batch, Hc, C, K),
+        slots of this store), gathered on `device` (default: beside the representatives), the choice numbered
+        in them, and each query's chunk `chunk` (batch, q_len). Nothing else of the store is read."""
         assert self.keys is not None and self.values is not None and self.first is not None
-        return Memory(self.keys, self.values, self.first, chosen, chunk, self.key_scale, self.value_scale)
+        home = self.first.device
+        device = home if device is None else device
+        B = chosen.shape[0]
+        flat = chosen.reshape(B, -1).to(home)
+        unions = [torch.unique(row[row >= 0]) for row in flat]  # sorted slots each row reads
+        U = max([1] + [len(u) for u in unions])
+        union = torch.full((B, U), -1, dtype=torch.long, device=home)
+        for r, u in enumerate(unions):
+            union[r, : len(u)] = u
+        order = torch.where(union >= 0, union, self.slots)  # ascending, empty places last
+        renumbered = torch.where(flat >= 0, torch.searchsorted(order, flat.clamp(min=0)), -1).view(chosen.shape)
+        first = torch.where(union >= 0, torch.gather(self.first, 1, union.clamp(min=0)), -1)
+        places = (union >= 0).nonzero()  # (n, 2): row and place in its union
+        rows, slots = places[:, 0], union[places[:, 0], places[:, 1]]
+        stored = [t for t in (self.keys, self.values, self.key_scale, self.value_scale) if t is not None]
+        got = None if self.hot is None else self.hot.fetch(stored, rows, slots)
+        if got is None:
+            on_host = (rows.to(self.keys.device), slots.to(self.keys.device))
+            got = [t[on_host[0], :, on_host[1]].to(device, non_blocking=True) for t in stored]
+        blocks = []
+        for g in got:
+            full = g.new_zeros(B, U, *g.shape[1:])
+            full[places[:, 0].to(device), places[:, 1].to(device)] = g
+            blocks.append(full.transpose(1, 2))  # (B, kv_heads, U, bs, x)
+        keys, values, *scales = blocks
+        key_scale, value_scale = scales if scales else (None, None)
+        return Memory(keys, values, first.to(device), renumbered.to(device), chunk.to(device), key_scale, value_scale)
 
     # ------------------------------------------------------------------------------------------- writing
 
@@ -301,11 +389,16 @@ class BlockStore:
         self.formed = formed + count
 
     def _allocate(self, B, Hkv, d, dv, kq, vq, scaled: bool, device) -> None:
-        self.keys = kq.new_empty(B, Hkv, 0, self.memory.block_size, d)
-        self.values = vq.new_empty(B, Hkv, 0, self.memory.block_size, dv)
+        # Keys and values in host memory when the model runs on an accelerator, the hot blocks on the device.
+        self.host = torch.device("cpu")
+        if device.type != "cpu":
+            self.hot = HotBlocks(self.memory.hot_blocks, device)
+        bs = self.memory.block_size
+        self.keys = torch.empty(B, Hkv, 0, bs, d, dtype=kq.dtype, device=self.host)
+        self.values = torch.empty(B, Hkv, 0, bs, dv, dtype=vq.dtype, device=self.host)
         if scaled:
-            self.key_scale = torch.empty(B, Hkv, 0, self.memory.block_size, 1, device=device)
-            self.value_scale = torch.empty(B, Hkv, 0, self.memory.block_size, 1, device=device)
+            self.key_scale = torch.empty(B, Hkv, 0, bs, 1, device=self.host)
+            self.value_scale = torch.empty(B, Hkv, 0, bs, 1, device=self.host)
         self.summary = torch.empty(B, Hkv, 0, self.memory.representatives, d, device=device)
         self.first = torch.empty(B, 0, dtype=torch.long, device=device)
         self.uses = torch.empty(B, 0, dtype=torch.long, device=device)
@@ -323,7 +416,10 @@ class BlockStore:
                 return None
             shape = list(t.shape)
             shape[dim] = extra
-            return torch.cat([t, t.new_full(shape, fill)], dim)
+            grown = torch.cat([t, t.new_full(shape, fill)], dim)
+            # Pinned host memory copies to the accelerator asynchronously.
+            pin = self.hot is not None and self.hot.device.type == "cuda" and grown.device.type == "cpu"
+            return grown.pin_memory() if pin else grown
 
         self.keys, self.values = pad(self.keys, 2), pad(self.values, 2)
         self.key_scale, self.value_scale = pad(self.key_scale, 2), pad(self.value_scale, 2)
@@ -356,6 +452,8 @@ class BlockStore:
             self.value_scale[r, :, slot] = vs[r, :, j]
         self.summary[r, :, slot] = summary
         self.uses[r, slot] = 0
+        if self.hot is not None:  # a block replaced by the cap: the device copy of that slot is stale
+            self.hot.forget(r, slot)
 
     def record_uses(self, chosen: torch.Tensor) -> None:
         """Count a choice `chosen` (batch, Hc, C, K) of slots (-1: none): each slot once per chunk that chose it."""
@@ -376,6 +474,8 @@ class BlockStore:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, index.to(t.device)))
+        if self.hot is not None:
+            self.hot.clear()
 
     def reset(self) -> None:
         self.__init__(self.memory, self.n_global)  # type: ignore[misc]
@@ -455,4 +555,4 @@ def choose(store: BlockStore, queries: torch.Tensor, q_idx: torch.Tensor, n_loca
     return Choice(chosen, chunk)
 
 
-__all__ = ["BlockMemory", "BlockStore", "Choice", "choose", "chunks_of", "summarise"]
+__all__ = ["BlockMemory", "BlockStore", "Choice", "HotBlocks", "choose", "chunks_of", "summarise"]

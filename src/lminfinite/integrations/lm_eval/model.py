@@ -297,7 +297,7 @@ class LMInfiniteLM(HFLM):
         if self.method == "truncate":
             return self._truncate_generate(context, mask, max_length, stop, generation_kwargs)
         if context.shape[1] > 1:
-            generation_kwargs["cache"] = prefill(
+            generation_kwargs[cache_keyword(self.model)] = prefill(
                 self.model,
                 context[:, :-1],
                 attention_mask=None if mask is None else mask[:, :-1],
