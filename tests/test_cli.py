@@ -77,8 +77,8 @@ def test_ppl_summary_rows_count_up_to_the_end_of_the_data(tmp_path, capsys):
     """Issue 21 item 10 through the command: --max-length 600 with buckets 0,256,512,1024: the last bucket is
     [512, 599), and the summary past n_local covers [256, 599) with the token-weighted mean of both buckets."""
     out = tmp_path / "r.json"
-    assert run("ppl", "--data", TINY, "--max-length", 600, "--windows", 1, "--buckets", "0,256,512,1024", "--n-local", 256,
-               "--methods", "vanilla", "--no-progress", "--out", out) == 0  # fmt: skip
+    args = ["--max-length", 600, "--windows", 1, "--buckets", "0,256,512,1024", "--n-local", 256]
+    assert run("ppl", "--data", TINY, *args, "--methods", "vanilla", "--no-progress", "--out", out) == 0
     table = capsys.readouterr().out
     rows = read(out)["results"]
     assert [(r["bucket_start"], r["bucket_end"], r["tokens"]) for r in rows] == [(0, 256, 256), (256, 512, 256),
@@ -346,6 +346,7 @@ def _module(*argv, env=None):
     return subprocess.run([sys.executable, "-m", "lminfinite.cli", *argv], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow  # three subprocesses, each importing torch and transformers (40 s on a busy 2-core machine)
 def test_subprocess_generate_and_errors(tmp_path):
     ok = _module("generate", "--prompt", "Once upon a time", "--max-new-tokens", "12")
     assert ok.returncode == 0 and ok.stdout.startswith(", there was a little girl")
