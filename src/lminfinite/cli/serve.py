@@ -198,5 +198,8 @@ def run_serve(args) -> int:
     )
     # on SIGTERM or Ctrl-C, requests still running near the end of --shutdown-grace end with a 503 (an error
     # event and [DONE] for a stream), never cut off
-    make_server(app, args.host, args.port, args.log_level, access_log=False).run()
+    try:
+        make_server(app, args.host, args.port, args.log_level, access_log=False).run()
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it deferred once it has shut down (as uvicorn.run ignores)
+        pass
     return 0
