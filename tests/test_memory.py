@@ -120,10 +120,10 @@ def test_rule_functions_match_their_definitions(q, k, G, L, bs, chunk):
 # ------------------------------------------------------------------------------------------------ the store
 
 
-def _columns(B, Hkv, T, d, pads, seed=0):
+def _columns(B, Hkv, T, d, pads, seed=0, dv=None):
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(B, Hkv, T, d, generator=g)
-    values = torch.randn(B, Hkv, T, d + 1, generator=g)
+    values = torch.randn(B, Hkv, T, d + 1 if dv is None else dv, generator=g)
     k_idx = torch.stack([torch.cat([torch.full((p,), -1), torch.arange(T - p)]) for p in pads])
     return keys, values, k_idx
 
@@ -294,10 +294,10 @@ def test_memory_through_hot_blocks_equals_direct_reads(capacity):
 # ----------------------------------------------------------------------------------------------- the choice
 
 
-def _filled_store(B, Hkv, d, G, bs, R, K, n_blocks, shared=True, seed=0, chunk=None, dtype="float32"):
+def _filled_store(B, Hkv, d, G, bs, R, K, n_blocks, shared=True, seed=0, chunk=None, dtype="float32", dv=None):
     memory = BlockMemory(block_size=bs, representatives=R, blocks=K, shared=shared, chunk=chunk, dtype=dtype)
     store = BlockStore(memory, n_global=G)
-    keys, values, k_idx = _columns(B, Hkv, G + n_blocks * bs, d, pads=[0] * B, seed=seed)
+    keys, values, k_idx = _columns(B, Hkv, G + n_blocks * bs, d, pads=[0] * B, seed=seed, dv=dv)
     _fill(store, keys, values, k_idx, torch.full((B,), n_blocks))
     return store
 
@@ -429,6 +429,7 @@ def kernel_cases(draw):
         dtype=draw(st.sampled_from(["float32", "float16", "int8"])),
         alibi=draw(st.booleans()),
         seed=draw(st.integers(0, 5)),
+        dv=draw(st.sampled_from([4, 5])),  # 4 = the head size of the keys: the fused CPU path; 5: the masked one
     )
 
 
@@ -436,7 +437,19 @@ def _case_memory(case):
     B, Hkv, rep, G, bs, T = case["B"], case["Hkv"], case["rep"], case["G"], case["bs"], case["T"]
     H, d = Hkv * rep, 4
     store = _filled_store(
-        B, Hkv, d, G, bs, 1, case["K"], case["n_blocks"], case["shared"], case["seed"], case["chunk"], case["dtype"]
+        B,
+        Hkv,
+        d,
+        G,
+        bs,
+        1,
+        case["K"],
+        case["n_blocks"],
+        case["shared"],
+        case["seed"],
+        case["chunk"],
+        case["dtype"],
+        case["dv"],
     )
     qg = torch.randn(B, H, T, d, generator=torch.Generator().manual_seed(case["seed"] + 1))
     pads = torch.tensor(case["pads"])[:, None]
@@ -448,7 +461,7 @@ def _case_memory(case):
 
 
 @given(case=kernel_cases())
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 def test_piece_equals_dense_reference_and_brute_force(case):
     mem, qg, q_idx, rep, alibi = _case_memory(case)
     G, L, scaling = case["G"], case["L"], 0.5

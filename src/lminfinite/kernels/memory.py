@@ -27,6 +27,9 @@ from ..rule import memory_rule
 if TYPE_CHECKING:
     from .score_mod import ScoreMod
 
+# PyTorch's fused CPU attention, which also returns the log-sum-exp the merge needs (as in the chunked kernel).
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
 
 @dataclass(frozen=True)
 class Memory:
@@ -116,9 +119,18 @@ def piece(
     query's chunk; 0 and -inf where a query sees none. It merges exactly with the other pieces.
 
     Chunk by chunk: each chunk's blocks are gathered (and dequantized) once and scored by that chunk's
-    queries only, so a span that meets several chunks costs what its queries need, not chunks x span."""
+    queries only, so a span that meets several chunks costs what its queries need, not chunks x span. On
+    the CPU without softcapping or autograd, each chunk runs in PyTorch's fused attention (a mask only where
+    some query does not see some key: the block its window cuts, empty places)."""
     B, H, n, d = qg_b.shape
     Hkv, dv = mem.keys.shape[1], mem.values.shape[-1]
+    fused = (
+        _FUSED is not None
+        and qg_b.device.type == "cpu"
+        and mod.softcap is None
+        and d == dv  # the fused op takes one head size
+        and not (torch.is_grad_enabled() and qg_b.requires_grad)
+    )
     chunk = mem.chunk[:, s:e].to(qg_b.device)
     out = qg_b.new_zeros(B, H, n, dv, dtype=torch.float32)
     lse = qg_b.new_full((B, H, n), float("-inf"), dtype=torch.float32)
@@ -133,17 +145,43 @@ def piece(
         a, b = int(cols.min()), int(cols.max()) + 1
         m = b - a
         keys, vals, idx = mem.blocks(mem.chosen[:, :, c], qg_b.device)
-        dots = (qg_b[:, :, a:b].reshape(B, Hkv, rep * m, d).float() @ keys.transpose(-1, -2)).view(B, H, m, -1)
         qi, ki, mine = q_idx_b[:, None, a:b, None], idx[:, :, None, :], members[:, None, a:b, None]
-        logits = mod.far(dots, qi, ki, (1, H))
-        logits = logits.masked_fill(~_heads(memory_rule(qi, ki, n_global, n_local, mine), H), float("-inf"))
-        part = torch.logsumexp(logits, -1)  # (B, H, m)
-        probs = torch.exp(logits - part.clamp(min=torch.finfo(torch.float32).min)[..., None])
-        o = (probs.reshape(B, Hkv, rep * m, -1) @ vals).view(B, H, m, dv)
+        allowed = memory_rule(qi, ki, n_global, n_local, mine)  # (B, Hc, m, M)
+        q = qg_b[:, :, a:b].reshape(B, Hkv, rep * m, d).float()
+        if fused:
+            o, part = _fused_chunk(q, keys, vals, allowed, mod, rep)
+        else:
+            logits = mod.far((q @ keys.transpose(-1, -2)).view(B, H, m, -1), qi, ki, (1, H))
+            logits = logits.masked_fill(~_heads(allowed, H), float("-inf"))
+            part = torch.logsumexp(logits, -1)  # (B, H, m)
+            probs = torch.exp(logits - part.clamp(min=torch.finfo(torch.float32).min)[..., None])
+            o = (probs.reshape(B, Hkv, rep * m, -1) @ vals).view(B, H, m, dv)
         take = members[:, None, a:b]
         out[:, :, a:b] = torch.where(take[..., None], o, out[:, :, a:b])
         lse[:, :, a:b] = torch.where(take, part, lse[:, :, a:b])
     return out, lse
+
+
+def _fused_chunk(
+    q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, allowed: torch.Tensor, mod: ScoreMod, rep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk in the fused CPU attention: `q` (B, kv_heads, rep * m, d) grouped by kv head, the chunk's keys
+    and values (B, kv_heads, M, d), `allowed` (B, Hc, m, M) -> output (B, H, m, dv) and log-sum-exp (B, H, m)."""
+    assert _FUSED is not None
+    B, Hkv, rows, _ = q.shape
+    m = rows // rep
+    bias = None
+    if not bool(allowed.all()):  # only the block the window cuts, or empty places: an additive mask
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill(~allowed, float("-inf"))
+        bias = bias[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, allowed.shape[1], rows, -1)
+    o, lse = _FUSED(q, keys, vals, 0.0, False, attn_mask=bias, scale=mod.scaling)
+    o, lse = o.reshape(B, Hkv * rep, m, -1), lse.reshape(B, Hkv * rep, m)
+    seen = _heads(allowed.any(-1), Hkv * rep)  # a query with no key: 0 and -inf, never NaN
+    o = torch.where(seen[..., None], o, 0.0)
+    lse = torch.where(seen, lse, float("-inf"))
+    if mod.alibi is not None:  # every memory key is at distance D: the same bias for all of a head's keys
+        lse = lse + mod.alibi.bias(mod.alibi.limit_distance, (1, Hkv * rep))[..., 0].to(lse.device)
+    return o, lse
 
 
 def chosen_mask(mem: Memory) -> torch.Tensor:
