@@ -265,3 +265,20 @@ def test_interrupted_forward_and_short_mask_are_refused():
     lminfinite.enable(model, n_global=G, n_local=L)
     with torch.no_grad():
         model(input_ids=torch.randint(3, 101, (1, 1)), cache=cache)
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_generate_with_a_cache_feeds_only_new_tokens_when_the_config_says_no_cache(family):
+    """Before: a model whose config says use_cache=False (MPT's default) fed the whole sequence again at
+    every step of generate(ids, cache=cache), into the cache: 122 columns held after a 28-token prefill and
+    4 new tokens. The LambdaCache gets only the tokens it does not hold."""
+    from helpers import family_model
+
+    model = family_model(family)
+    model.config.use_cache = model.generation_config.use_cache = False
+    lminfinite.enable(model, n_global=2, n_local=16)
+    x = torch.randint(3, 101, (1, 29))
+    ref = model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    cache = lminfinite.prefill(model, x[:, :-1])
+    out = model.generate(x, cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref) and cache.get_seq_length() == 28 + 4

@@ -160,12 +160,16 @@ def _prepare_inputs_checked(self, input_ids, *args, **kwargs):
     The empty cache `generate()` made for itself (a DynamicCache it did not get from the user) is replaced
     by a LambdaCache before the first forward; generate() then continues with the cache the model returns.
     Ids that do not extend a LambdaCache given to `generate()` are refused: generate() feeds
-    `ids[:, cache_length:]`, so shorter ids would feed tokens the cache already holds (or none)."""
+    `ids[:, cache_length:]`, so shorter ids would feed tokens the cache already holds (or none).
+    A LambdaCache always gets only the tokens it does not hold yet, also where generate() would feed the
+    whole sequence again (a model whose config says `use_cache=False`, e.g. MPT, given a cache)."""
     name = "cache" if "cache" in kwargs else "past_key_values"
     cache = kwargs.get(name)
     own = type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
     if own and cache.get_seq_length() == 0:
         kwargs[name] = cache = LambdaCache.for_model(self)
+    if isinstance(cache, LambdaCache) and kwargs.get("next_sequence_length") is None and cache.get_seq_length():
+        kwargs["next_sequence_length"] = input_ids.shape[1] - cache.get_seq_length()
     new = kwargs.get("next_sequence_length")
     if isinstance(cache, LambdaCache) and new is not None and new < 1 and kwargs.get("inputs_embeds") is None:
         held = cache.get_seq_length()
