@@ -94,6 +94,7 @@ def test_bytes_per_token():
 # ------------------------------------------------------------------------------------------------- the rule
 
 
+@pytest.mark.slow  # a property test over many drawn cases (CI runs it)
 @given(
     q=st.integers(-1, 60),
     k=st.integers(-1, 60),
@@ -205,6 +206,7 @@ class _SlotModel:
         self.blocks[number] = 0
 
 
+@pytest.mark.slow  # a property test over many drawn cases (CI runs it)
 @given(
     cap=st.one_of(st.none(), st.integers(2, 6)),
     steps=st.lists(st.tuples(st.integers(0, 3), st.lists(st.integers(0, 30), max_size=3)), min_size=1, max_size=8),
@@ -302,6 +304,7 @@ def _filled_store(B, Hkv, d, G, bs, R, K, n_blocks, shared=True, seed=0, chunk=N
     return store
 
 
+@pytest.mark.slow  # a property test over many drawn cases (CI runs it)
 @given(
     B=st.integers(1, 2),
     kv=st.sampled_from([(1, 1), (1, 3), (2, 2)]),
@@ -460,6 +463,7 @@ def _case_memory(case):
     return mem, qg, q_idx, rep, alibi
 
 
+@pytest.mark.slow  # a property test over many drawn cases (CI runs it)
 @given(case=kernel_cases())
 @settings(max_examples=150, **SETTINGS)
 def test_piece_equals_dense_reference_and_brute_force(case):
@@ -532,7 +536,7 @@ def _model_logits(model, ids, **kwargs):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("backend", ["torch", "flex"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("flex", marks=pytest.mark.slow)])
 def test_model_with_memory_equals_the_naive_reference(name, backend):
     model = MODELS[name]()
     x = ids(12 * LM, seed=1)
@@ -547,7 +551,7 @@ def test_model_with_memory_equals_the_naive_reference(name, backend):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("chunk", [1, 7, 3 * LM])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 7, 3 * LM])
 def test_cached_feeding_equals_one_naive_forward(name, chunk):
     model = MODELS[name]()
     x = ids(12 * LM, seed=2)
@@ -608,6 +612,7 @@ def test_left_padded_batch_equals_its_rows():
         torch.testing.assert_close(batch[r, -n:], alone[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_long_stream_keeps_the_hot_part_bounded_and_the_cap_evicts():
     capped = BlockMemory(block_size=4, representatives=2, blocks=2, max_blocks=5, chunk=1)
     model = lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, memory=capped)

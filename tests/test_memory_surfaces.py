@@ -60,6 +60,7 @@ def _methods(payload) -> set[str]:
     return set()
 
 
+@pytest.mark.slow
 def test_cli_ppl_and_passkey_take_memory(stories_path, tmp_path):
     out = tmp_path / "ppl.json"
     argv = ["ppl", "--model", stories_path, "--data", TINY, "--max-length", 512, "--windows", 1, "--n-local", L]
@@ -71,6 +72,7 @@ def test_cli_ppl_and_passkey_take_memory(stories_path, tmp_path):
     assert "memory:4:16:int8" in _methods(json.loads(out.read_text()))
 
 
+@pytest.mark.slow
 def test_cli_generate_and_chat_take_memory(stories_path, capsys, monkeypatch):
     argv = ["generate", "--model", stories_path, "--n-local", L, "--n-global", G, "--max-new-tokens", 80]
     assert run(*argv, "--prompt", "Once upon a time", "--method", "memory:4:16") == 0
@@ -84,6 +86,7 @@ def test_cli_generate_and_chat_take_memory(stories_path, capsys, monkeypatch):
     assert "invalid --memory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_chat_keeps_a_store(stories):
     from lminfinite.chat import Chat
 
@@ -96,6 +99,7 @@ def test_chat_keeps_a_store(stories):
     lminfinite.disable(model)
 
 
+@pytest.mark.slow
 def test_server_with_memory_shows_store_bytes():
     from lminfinite.serve.metrics import parse_metrics
     from lminfinite.serve.runner import ServerThread, load
