@@ -39,7 +39,7 @@ def test_defaults():
         4,
         16,
         None,
-        "float32",
+        "float16",
         None,
         True,
     )
@@ -86,8 +86,8 @@ def test_layers_are_normalised_and_checked():
 
 def test_bytes_per_token():
     # SmolLM2: 3 kv heads of 64. float32 keys + values 1536 B, representatives 4 * 64 * 4 / 128 = 8 B per head.
-    assert BlockMemory().bytes_per_token(3, 64) == 3 * (128 * 4 + 8)
-    assert BlockMemory(dtype="float16").bytes_per_token(3, 64) == 3 * (128 * 2 + 8)
+    assert BlockMemory(dtype="float32").bytes_per_token(3, 64) == 3 * (128 * 4 + 8)
+    assert BlockMemory().bytes_per_token(3, 64) == 3 * (128 * 2 + 8)  # float16 by default
     assert BlockMemory(dtype="int8").bytes_per_token(3, 64) == 3 * (128 + 8 + 8)
 
 
@@ -139,7 +139,7 @@ def _fill(store, keys, values, k_idx, upto):
 
 def test_store_holds_the_blocks_of_each_row():
     G, bs = 3, 4
-    store = BlockStore(BlockMemory(block_size=bs, representatives=2, blocks=1), n_global=G)
+    store = BlockStore(BlockMemory(block_size=bs, representatives=2, blocks=1, dtype="float32"), n_global=G)
     keys, values, k_idx = _columns(2, 2, 40, 8, pads=[0, 9])
     # In two steps: rows form 2 and 1 blocks, then 7 and 5.
     _fill(store, keys, values, k_idx, torch.tensor([2, 1]))
@@ -526,7 +526,8 @@ def test_memory_value_checks_shapes():
 # ------------------------------------------------------------------------------------------- the model level
 
 GM, LM = 2, 8  # n_global, n_local of the model-level tests
-MEM = BlockMemory(block_size=4, representatives=2, blocks=2, chunk=1)  # one choice per query: any split agrees
+# One choice per query (any split of a sequence into forwards agrees); float32 so that keys compare exactly.
+MEM = BlockMemory(block_size=4, representatives=2, blocks=2, chunk=1, dtype="float32")
 MODELS = {"llama": lambda: tiny_model("llama", max_position_embeddings=64), "mpt": lambda: family_model("mpt")}
 
 
@@ -591,7 +592,7 @@ def test_every_block_chosen_equals_top_k_of_every_middle_key(name):
     x = ids(10 * LM, seed=4)
     lminfinite.enable(model, n_global=GM, n_local=LM, top_k=10 * LM, backend="naive")
     ref = _model_logits(model, x)
-    every = BlockMemory(block_size=4, representatives=2, blocks=10 * LM, chunk=1)
+    every = BlockMemory(block_size=4, representatives=2, blocks=10 * LM, chunk=1, dtype="float32")
     for backend in ("naive", "torch"):
         lminfinite.enable(model, n_global=GM, n_local=LM, memory=every, backend=backend)
         torch.testing.assert_close(_model_logits(model, x), ref, atol=1e-4, rtol=1e-4)

@@ -27,7 +27,7 @@ def test_method_specs():
     assert methods.get("memory").memory == BlockMemory()
     m = methods.get("memory:8:32:int8")
     assert (m.memory.blocks, m.memory.block_size, m.memory.dtype) == (8, 32, "int8")
-    assert methods.get("memory:16") == methods.get("memory") == methods.get("memory:16:128:float32")
+    assert methods.get("memory:16") == methods.get("memory") == methods.get("memory:16:128:float16")
     assert [x.name for x in methods.parse("lminfinite,memory:4:16,topk:2")] == ["lminfinite", "memory:4:16", "topk:2"]
     for bad in ("memory:0", "memory:4:16:bf16", "memory:a", "memory:4:16:int8:1", "memoryx"):
         with pytest.raises(BadValue):
@@ -128,7 +128,7 @@ def test_lm_eval_model_takes_memory(stories):
 
     model, tok = stories
     lm = LMInfiniteLM(pretrained=model, tokenizer=tok, method="memory:2:16", n_local=L, n_global=G, chunk_size=64)
-    assert lm.settings["memory"] == {"blocks": 2, "block_size": 16, "dtype": "float32"}
+    assert lm.settings["memory"] == {"blocks": 2, "block_size": 16, "dtype": "float16"}
     assert lminfinite.config_of(model).memory == BlockMemory(blocks=2, block_size=16)
     with pytest.raises(BadValue, match="takes no top_k"):
         LMInfiniteLM(pretrained=model, tokenizer=tok, method="memory", n_local=256, top_k=3)

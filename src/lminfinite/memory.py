@@ -44,8 +44,8 @@ class BlockMemory:
         equal parts of the block; a block scores the best of its representatives' logits.
     blocks: blocks each query chunk (or decoded token) attends (InfLLM: 16).
     layers: the layers that use memory (None: every layer). The others run plain Λ-attention.
-    dtype: how stored keys and values are kept: "float32", "float16" or "int8" (one float32 scale per
-        token and head); representatives are float32.
+    dtype: how stored keys and values are kept: "float16" (half of what a full KV cache holds), "float32"
+        or "int8" (one float32 scale per token and head); representatives are float32.
     max_blocks: the most blocks a layer keeps per sequence (None: no cap, the store grows with the
         input). When a new block would pass the cap, the block chosen the fewest times is evicted (the
         oldest among equals); an evicted block is never chosen again.
@@ -63,7 +63,7 @@ class BlockMemory:
     representatives: int = 4
     blocks: int = 16
     layers: tuple[int, ...] | None = None
-    dtype: str = "float32"
+    dtype: str = "float16"
     max_blocks: int | None = None
     shared: bool = True
     chunk: int | None = None

@@ -53,7 +53,7 @@ def add_command(sub, model_options) -> None:
         metavar="K:BS:DTYPE",
         type=memory_arg,
         help="block memory: each token also attends the K best blocks of BS tokens that left the window, stored "
-        "as DTYPE (float32, float16, int8); --memory alone: 16:128:float32",
+        "as DTYPE (float16, float32, int8); --memory alone: 16:128:float16",
     )
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=temperature_arg, default=1.0, help="sampling temperature > 0 (default 1.0)")
