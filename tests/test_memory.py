@@ -735,3 +735,129 @@ def test_a_cache_must_match_the_memory_setting():
     model = lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, memory=MEM)
     with pytest.raises(ValueError, match="made for memory=None"):
         model(input_ids=ids(4), cache=LambdaCache(LambdaConfig(n_global=GM, n_local=LM), 2))
+
+
+# ------------------------------------------------------------------- every backend, drawn cases (property)
+
+
+@st.composite
+def full_kernel_cases(draw):
+    L = draw(st.integers(2, 10))
+    Hkv, rep = draw(st.sampled_from([(1, 1), (1, 2), (2, 2), (2, 1)]))
+    B = draw(st.integers(1, 3))
+    Tk = draw(st.integers(1, 6 * L + 12))
+    return dict(
+        B=B,
+        Hkv=Hkv,
+        rep=rep,
+        L=L,
+        G=draw(st.integers(0, 4)),
+        Tk=Tk,
+        Tq=draw(st.integers(1, Tk)),
+        pads=[draw(st.integers(0, Tk - 1)) for _ in range(B)],
+        bs=draw(st.integers(1, L)),
+        K=draw(st.integers(1, 4)),
+        chunk=draw(st.integers(1, 6)),
+        shared=draw(st.booleans()),
+        dtype=draw(st.sampled_from(["float32", "float16", "int8"])),
+        alibi=draw(st.booleans()),
+        softcap=draw(st.sampled_from([None, None, 3.0])),
+        backend=draw(st.sampled_from(["torch", "torch-masked", "flex"])),
+        block_size=draw(st.one_of(st.none(), st.integers(1, 12))),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.slow  # a property test over many drawn cases (CI runs it)
+@given(c=full_kernel_cases())
+@settings(max_examples=120, **SETTINGS)
+def test_every_kernel_with_memory_equals_the_naive_reference(c):
+    """The kernels with block memory (chunked band and masked paths, FlexAttention) == the naive reference,
+    given the same chosen blocks: drawn G, L, block size, blocks chosen, chunk, GQA, left padding, store dtype."""
+    from lminfinite.kernels import get_kernel, torch_chunked
+    from lminfinite.kernels.common import Far
+    from lminfinite.plan import candidate_columns
+
+    g = torch.Generator().manual_seed(c["seed"])
+    B, Hkv, rep, Tk, Tq, G, L = c["B"], c["Hkv"], c["rep"], c["Tk"], c["Tq"], c["G"], c["L"]
+    H, d = Hkv * rep, 4
+    valid = torch.ones(B, Tk, dtype=torch.bool)
+    for b, p in enumerate(c["pads"]):
+        valid[b, :p] = False
+    k_idx = torch.where(valid, valid.long().cumsum(1) - 1, -1)
+    q_idx = k_idx[:, Tk - Tq :]
+    q, qg = torch.randn(B, H, Tq, d, generator=g), torch.randn(B, H, Tq, d, generator=g)
+    k, k0, v = (torch.randn(B, Hkv, Tk, d, generator=g) for _ in range(3))
+    memory = BlockMemory(
+        block_size=c["bs"], representatives=1, blocks=c["K"], chunk=c["chunk"], shared=c["shared"], dtype=c["dtype"]
+    )
+    store = BlockStore(memory, n_global=G)
+    store.ingest(k0, v, k_idx, store.due(q_idx, L))
+    mem = None
+    if store.first is not None:
+        choice = choose(store, qg, q_idx, L)
+        mem = store.memory_of(choice.chosen, choice.chunk)
+    S = candidate_columns(k_idx, G)
+    far = Far(qg, k[:, :, :S], v[:, :, :S], k_idx[:, :S], memory=mem) if S or mem is not None else None
+    alibi = Alibi(2.0 ** -torch.arange(1, H + 1, dtype=torch.float32), L) if c["alibi"] else None
+    kw = dict(n_global=G, n_local=L, mod=ScoreMod(0.5, c["softcap"], alibi))
+    ref = get_kernel("naive")(q, k, v, q_idx, k_idx, far, **kw)
+    fused = torch_chunked._FUSED
+    try:
+        if c["backend"] == "torch-masked":
+            torch_chunked._FUSED = None
+        kernel = get_kernel("flex" if c["backend"] == "flex" else "torch")
+        out = kernel(q, k, v, q_idx, k_idx, far, **kw, block_size=c["block_size"])
+    finally:
+        torch_chunked._FUSED = fused
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@st.composite
+def model_memory_cases(draw):
+    L = draw(st.integers(2, 10))
+    n = draw(st.integers(1, 60))
+    B = draw(st.integers(1, 3))
+    return dict(
+        G=draw(st.integers(0, 4)),
+        L=L,
+        n=n,
+        pads=[draw(st.integers(0, n - 1)) for _ in range(B)],
+        chunk=draw(st.integers(1, 24)),
+        bs=draw(st.integers(1, L)),
+        K=draw(st.integers(1, 3)),
+        layers=draw(st.sampled_from([None, (0,), (1,)])),
+        shared=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.slow  # a property test over many drawn cases (CI runs it)
+@given(c=model_memory_cases())
+@settings(max_examples=40, **SETTINGS)
+def test_cached_model_with_memory_equals_the_naive_recomputation(c):
+    """A left-padded batch fed chunk by chunk through a LambdaCache with block memory (stores filled before
+    columns are dropped) gives, at every real token, the logits of one uncached naive forward."""
+    model = MODELS["llama"]()
+    g = torch.Generator().manual_seed(c["seed"])
+    B, n = len(c["pads"]), c["n"]
+    x = torch.randint(3, 101, (B, n), generator=g)
+    mask = torch.ones(B, n, dtype=torch.long)
+    for b, p in enumerate(c["pads"]):
+        mask[b, :p] = 0
+    memory = BlockMemory(
+        block_size=c["bs"], representatives=1, blocks=c["K"], chunk=1, layers=c["layers"], shared=c["shared"]
+    )
+    lminfinite.enable(model, n_global=c["G"], n_local=c["L"], memory=memory, backend="naive")
+    ref = _model_logits(model, x, attention_mask=mask)
+    lminfinite.enable(model, n_global=c["G"], n_local=c["L"], memory=memory)
+    cache = LambdaCache.for_model(model)
+    with torch.no_grad():
+        out = torch.cat(
+            [
+                model(input_ids=x[:, s : s + c["chunk"]], attention_mask=mask[:, : s + c["chunk"]], cache=cache).logits
+                for s in range(0, n, c["chunk"])
+            ],
+            1,
+        )
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=1e-4)
