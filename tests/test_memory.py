@@ -283,21 +283,31 @@ def test_memory_through_hot_blocks_equals_direct_reads(capacity):
     qg = torch.randn(2, 4, 6, 4)
     q_idx = (30 + torch.arange(6)).expand(2, 6)
     choice = choose(store, qg, q_idx, 4)
-    direct = store.memory_of(choice.chosen, choice.chunk)
+    direct = store.memory_of(choice.chosen, choice.chunk)  # beside the model: the store itself
+    assert direct.keys is store.keys
     store.hot = HotBlocks(capacity, torch.device("cpu"))
+    cpu, mod = torch.device("cpu"), ScoreMod(0.5)
     for _ in range(2):  # the second time from the LRU
-        via_hot = store.memory_of(choice.chosen, choice.chunk)
-        for name in ("keys", "values", "key_scale", "value_scale", "first", "chosen", "chunk"):
-            assert torch.equal(getattr(via_hot, name), getattr(direct, name)), name
-    used = int((direct.first >= 0).sum())
-    assert store.hot.copied == (used if capacity >= used else 0)
+        via_hot = store.memory_of(choice.chosen, choice.chunk)  # the union of the chosen blocks, renumbered
+        for c in range(direct.chosen.shape[2]):
+            mine, theirs = direct.blocks(direct.chosen[:, :, c], cpu), via_hot.blocks(via_hot.chosen[:, :, c], cpu)
+            assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+        out, lse = kmem.piece(qg, direct, q_idx, 0, 6, 1, 4, mod, 2)
+        hot_out, hot_lse = kmem.piece(qg, via_hot, q_idx, 0, 6, 1, 4, mod, 2)
+        assert torch.equal(out, hot_out) and torch.equal(lse, hot_lse)
+    read = int((via_hot.first >= 0).sum())  # blocks the forward reads (each row's union)
+    assert store.hot.copied == (read if capacity >= read else 0)  # copied once; a union too big bypasses it
 
 
 # ----------------------------------------------------------------------------------------------- the choice
 
 
-def _filled_store(B, Hkv, d, G, bs, R, K, n_blocks, shared=True, seed=0, chunk=None, dtype="float32", dv=None):
-    memory = BlockMemory(block_size=bs, representatives=R, blocks=K, shared=shared, chunk=chunk, dtype=dtype)
+def _filled_store(
+    B, Hkv, d, G, bs, R, K, n_blocks, shared=True, seed=0, chunk=None, dtype="float32", dv=None, max_blocks=None
+):
+    memory = BlockMemory(
+        block_size=bs, representatives=R, blocks=K, shared=shared, chunk=chunk, dtype=dtype, max_blocks=max_blocks
+    )
     store = BlockStore(memory, n_global=G)
     keys, values, k_idx = _columns(B, Hkv, G + n_blocks * bs, d, pads=[0] * B, seed=seed, dv=dv)
     _fill(store, keys, values, k_idx, torch.full((B,), n_blocks))
@@ -361,8 +371,8 @@ def test_choice_is_the_best_representatives(B, kv, G, L, bs, K, n_blocks, chunk,
                 )
 
 
-def test_choice_counts_uses():
-    store = _filled_store(1, 1, 4, G=1, bs=2, R=1, K=2, n_blocks=5)
+def test_choice_counts_uses_with_a_cap():
+    store = _filled_store(1, 1, 4, G=1, bs=2, R=1, K=2, n_blocks=5, max_blocks=8)  # the counts order eviction
     queries = torch.randn(1, 1, 2, 4)
     q_idx = torch.tensor([[40, 41]])  # one chunk (chunk = block_size = 2)
     choice = choose(store, queries, q_idx, n_local=4)
@@ -371,6 +381,9 @@ def test_choice_counts_uses():
     assert int(store.uses.sum()) == 2
     choose(store, queries, q_idx, n_local=4, record=False)
     assert int(store.uses.sum()) == 2
+    uncapped = _filled_store(1, 1, 4, G=1, bs=2, R=1, K=2, n_blocks=5)  # no cap: nothing to order, nothing counted
+    choose(uncapped, queries, q_idx, n_local=4)
+    assert int(uncapped.uses.sum()) == 0
 
 
 # ------------------------------------------------------------------------------------------------ the kernel

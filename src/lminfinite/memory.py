@@ -213,7 +213,8 @@ class BlockStore:
     Slots hold blocks; `first` (batch, slots) is the token index of a slot's first token (-1: empty).
     keys (batch, kv_heads, slots, block_size, d) are at position 0 (RoPE), values beside them, both in
     the storage dtype (int8: with float32 scales); `summary` (batch, kv_heads, slots, representatives, d)
-    holds the representatives; `uses` counts how often each slot was chosen; `formed` (batch,) how many
+    holds the representatives; `uses` counts how often each slot was chosen (with a cap, which evicts by it);
+    `formed` (batch,) how many
     blocks each row has put in the store (blocks are formed in order: block b holds the middle tokens
     `G + b * bs ..`); `evicted` how many the cap removed.
 
@@ -257,12 +258,15 @@ class BlockStore:
         return 0 if self.first is None else int((self.first >= 0).sum()) * self.memory.block_size
 
     def memory_of(self, chosen: torch.Tensor, chunk: torch.Tensor, device: torch.device | None = None) -> Memory:
-        """What a kernel reads in one forward: the blocks some query chunk chose (`chosen` (batch, Hc, C, K),
-        slots of this store), gathered on `device` (default: beside the representatives), the choice numbered
-        in them, and each query's chunk `chunk` (batch, q_len). Nothing else of the store is read."""
+        """What a kernel reads in one forward: the choice `chosen` (batch, Hc, C, K) (slots of this store) of the
+        query chunks `chunk` (batch, q_len), and the blocks. Beside the model, the store itself (the kernel
+        gathers each chunk's blocks); in host memory, the blocks some chunk chose, gathered on `device` once
+        (through the LRU of hot blocks) with the choice numbered in them."""
         assert self.keys is not None and self.values is not None and self.first is not None
         home = self.first.device
         device = home if device is None else device
+        if self.hot is None and self.keys.device == device:  # beside the model: the kernel reads the store itself
+            return Memory(self.keys, self.values, self.first, chosen, chunk, self.key_scale, self.value_scale)
         B = chosen.shape[0]
         flat = chosen.reshape(B, -1).to(home)
         unions = [torch.unique(row[row >= 0]) for row in flat]  # sorted slots each row reads
@@ -514,7 +518,7 @@ def choose(store: BlockStore, queries: torch.Tensor, q_idx: torch.Tensor, n_loca
     A chunk is scored with the mean of its queries (InfLLM); a block's score is the best of its
     representatives' dot products with it, summed over the heads that share the choice (every head, or the
     heads of one kv head). Fewer candidates than `blocks`: all of them. Ties go to the earlier slot.
-    `record`: count the choice in the store's use counts (eviction)."""
+    `record`: count the choice in the store's use counts (kept with a cap `max_blocks`: they order eviction)."""
     memory = store.memory
     B, H, T, d = queries.shape
     chunk, C = chunks_of(q_idx, memory.query_chunk)
@@ -525,15 +529,18 @@ def choose(store: BlockStore, queries: torch.Tensor, q_idx: torch.Tensor, n_loca
     Hkv, N = store.summary.shape[1], store.slots
     rep = H // Hkv
     Hc = 1 if memory.shared else Hkv
-    c_idx = torch.where(chunk >= 0, chunk, C).to(device)  # padding goes to a spare chunk
     # Mean query of each chunk, per head, and the chunk's last query (which blocks it may choose).
-    sums = torch.zeros(B, H, C + 1, d, device=device)
-    sums.scatter_add_(2, c_idx[:, None, :, None].expand(B, H, T, d), queries.float().to(device))
-    counts = torch.zeros(B, C + 1, device=device).scatter_add_(1, c_idx, torch.ones(B, T, device=device))
-    mean_q = (sums / counts.clamp(min=1)[:, None, :, None])[:, :, :C]
-    last = torch.full((B, C + 1), -1, dtype=torch.long, device=device)
-    last.scatter_reduce_(1, c_idx, q_idx.to(device), reduce="amax")
-    allowed_blocks = middle_blocks(last[:, :C], store.n_global, n_local, memory.block_size)  # (B, C)
+    if T == 1:  # a decoded token: its own chunk
+        mean_q, last = queries.float().to(device), q_idx.to(device)
+    else:
+        c_idx = torch.where(chunk >= 0, chunk, C).to(device)  # padding goes to a spare chunk
+        sums = torch.zeros(B, H, C + 1, d, device=device)
+        sums.scatter_add_(2, c_idx[:, None, :, None].expand(B, H, T, d), queries.float().to(device))
+        counts = torch.zeros(B, C + 1, device=device).scatter_add_(1, c_idx, torch.ones(B, T, device=device))
+        mean_q = (sums / counts.clamp(min=1)[:, None, :, None])[:, :, :C]
+        last = torch.full((B, C + 1), -1, dtype=torch.long, device=device)
+        last = last.scatter_reduce_(1, c_idx, q_idx.to(device), reduce="amax")[:, :C]
+    allowed_blocks = middle_blocks(last, store.n_global, n_local, memory.block_size)  # (B, C)
     # Logits of the representatives: (B, Hkv, rep * C, N * R) -> best representative -> sum over the heads.
     R = memory.representatives
     reps = store.summary.reshape(B, Hkv, N * R, d)
@@ -550,7 +557,7 @@ def choose(store: BlockStore, queries: torch.Tensor, q_idx: torch.Tensor, n_loca
     chosen = torch.where(best > float("-inf"), where, -1)
     if k < K:
         chosen = torch.cat([chosen, chosen.new_full((B, Hc, C, K - k), -1)], -1)
-    if record:
+    if record and memory.max_blocks is not None:  # the counts order eviction, which only a cap needs
         store.record_uses(chosen)
     return Choice(chosen, chunk)
 
