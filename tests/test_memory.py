@@ -22,7 +22,7 @@ import lminfinite
 from lminfinite import LambdaCache, LambdaConfig
 from lminfinite.kernels import memory as kmem
 from lminfinite.kernels.score_mod import ScoreMod
-from lminfinite.memory import BlockMemory, BlockStore, HotBlocks, choose, chunks_of, summarise
+from lminfinite.memory import BlockMemory, BlockStore, HotBlocks, choose, chunks_of, summarise, upper_bounds
 from lminfinite.positions import Alibi
 from lminfinite.rule import block_of, memory_rule, middle_blocks, middle_rule, query_chunk
 
@@ -85,10 +85,11 @@ def test_layers_are_normalised_and_checked():
 
 
 def test_bytes_per_token():
-    # SmolLM2: 3 kv heads of 64. float32 keys + values 1536 B, representatives 4 * 64 * 4 / 128 = 8 B per head.
-    assert BlockMemory(dtype="float32").bytes_per_token(3, 64) == 3 * (128 * 4 + 8)
-    assert BlockMemory().bytes_per_token(3, 64) == 3 * (128 * 2 + 8)  # float16 by default
-    assert BlockMemory(dtype="int8").bytes_per_token(3, 64) == 3 * (128 + 8 + 8)
+    # SmolLM2: 3 kv heads of 64. float32 keys + values 512 B per head; representatives: a minimum and a maximum
+    # of 64 float32 per part, 4 parts per 128 tokens: 16 B per token and head.
+    assert BlockMemory(dtype="float32").bytes_per_token(3, 64) == 3 * (128 * 4 + 16)
+    assert BlockMemory().bytes_per_token(3, 64) == 3 * (128 * 2 + 16)  # float16 by default
+    assert BlockMemory(dtype="int8").bytes_per_token(3, 64) == 3 * (128 + 8 + 16)
 
 
 # ------------------------------------------------------------------------------------------------- the rule
@@ -358,8 +359,13 @@ def test_choice_is_the_best_representatives(B, kv, G, L, bs, K, n_blocks, chunk,
                     number = (int(store.first[b, slot]) - G) // bs
                     if store.first[b, slot] < 0 or number >= allowed:
                         continue
-                    reps = store.summary[b, :, slot]  # (Hkv, R, d)
-                    score[slot] = sum(float((reps[hh // rep] @ mean_q[hh]).max()) for hh in heads)
+                    # From the stored keys: per part, sum_i max(q_i * max_i, q_i * min_i); the best part.
+                    parts = store.keys[b, :, slot].view(Hkv, R, bs // R, d)  # (Hkv, R, part, d)
+                    hi, lo = parts.amax(2), parts.amin(2)
+                    score[slot] = sum(
+                        float(torch.maximum(mean_q[hh] * hi[hh // rep], mean_q[hh] * lo[hh // rep]).sum(-1).max())
+                        for hh in heads
+                    )
                 expected = sorted(score, key=lambda s: (-score[s], s))[:K]
                 got = [s for s in choice.chosen[b, h, c].tolist() if s >= 0]
                 assert len(got) == len(expected)
@@ -369,6 +375,27 @@ def test_choice_is_the_best_representatives(B, kv, G, L, bs, K, n_blocks, chunk,
                     expected,
                     score,
                 )
+
+
+@given(
+    n=st.integers(1, 12),
+    R=st.sampled_from([1, 2, 4]),
+    d=st.integers(1, 6),
+    seed=st.integers(0, 10**6),
+    q=st.integers(1, 3),
+)
+@settings(max_examples=60, **SETTINGS)
+def test_upper_bounds_bound_every_key(n, R, d, seed, q):
+    """The score of a block is an upper bound of `q . k` for each of its keys, reached by some key when each part
+    holds one key (Quest's bound)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, R, d, generator=g)  # n blocks of R parts of one key each...
+    queries = torch.randn(q, d, generator=g)
+    exact = (queries @ keys.reshape(n * R, d).T).view(q, n, R).amax(-1)
+    torch.testing.assert_close(upper_bounds(queries, summarise(keys, R)), exact)
+    more = torch.randn(n, R * 3, d, generator=g)  # ...and of three keys each: the bound is above every key
+    bound = upper_bounds(queries, summarise(more, R))  # (q, n)
+    assert (bound[:, :, None] >= torch.einsum("qd,nkd->qnk", queries, more) - 1e-5).all()
 
 
 def test_choice_counts_uses_with_a_cap():

@@ -2,8 +2,10 @@
 
 InfLLM's idea (Xiao et al., arXiv 2402.04617) on LM-Infinite's rule. Middle tokens (neither
 starting tokens nor in the window) are kept per layer in fixed-size blocks (`BlockStore`), each
-summarised by a few representative keys. Per chunk of queries (prefill) or per token (decode),
-`choose` scores the representatives only (never every stored key) and picks the best blocks; every
+summarised by a few representative keys: for each part of the block, the elementwise minimum and
+maximum of its keys, which bound `q . k` from above for any query (Quest, Tang et al., arXiv
+2406.10774). Per chunk of queries (prefill) or per token (decode), `choose` scores these
+representatives only (never every stored key) and picks the best blocks; every
 key of a chosen block is then seen at the capped distance `D`, like a starting token
 (`rule.memory_rule`, `kernels/memory.py`). What a forward reads stays bounded: starting tokens,
 window, chosen blocks. The store grows with the input, at a few hundred bytes per token and layer
@@ -40,8 +42,9 @@ class BlockMemory:
     """Settings of block memory (`lminfinite.enable(model, memory=BlockMemory(...))`).
 
     block_size: tokens per block (InfLLM: 128).
-    representatives: representative keys per block (InfLLM: 4): the means of `representatives`
-        equal parts of the block; a block scores the best of its representatives' logits.
+    representatives: parts each block is summarised in (default 4): each part by the elementwise minimum
+        and maximum of its keys, the tightest box around them (Quest's page summary); a query scores a block
+        by the highest upper bound of `q . k` over its parts, `sum_i max(q_i * min_i, q_i * max_i)`.
     blocks: blocks each query chunk (or decoded token) attends (InfLLM: 16).
     layers: the layers that use memory (None: every layer). The others run plain Λ-attention.
     dtype: how stored keys and values are kept: "float16" (half of what a full KV cache holds), "float32"
@@ -137,7 +140,7 @@ class BlockMemory:
         dv = head_dim if head_dim_v is None else head_dim_v
         width = self.store_dtype.itemsize
         scales = 2 * 4 if self.dtype == "int8" else 0
-        summary = self.representatives * head_dim * 4 / self.block_size
+        summary = 2 * self.representatives * head_dim * 4 / self.block_size  # a minimum and a maximum per part
         return kv_heads * ((head_dim + dv) * width + scales + summary)
 
 
@@ -154,10 +157,23 @@ def _quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
 
 
 def summarise(keys: torch.Tensor, representatives: int) -> torch.Tensor:
-    """Representative keys of blocks `keys` (..., block_size, d): the means of `representatives` equal
-    consecutive parts, (..., representatives, d) in float32."""
+    """The representatives of blocks `keys` (..., block_size, d): for each of `representatives` equal
+    consecutive parts, the elementwise maximum and minimum of its keys, (..., 2 * representatives, d) in
+    float32 (the maxima first)."""
     *lead, bs, d = keys.shape
-    return keys.float().reshape(*lead, representatives, bs // representatives, d).mean(-2)
+    parts = keys.float().reshape(*lead, representatives, bs // representatives, d)
+    return torch.cat([parts.amax(-2), parts.amin(-2)], dim=-2)
+
+
+def upper_bounds(queries: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """For queries (..., n, d) and block summaries (..., N, 2R, d) (`summarise`): the highest upper bound of
+    `q . k` over each block's parts, (..., n, N). The bound of a part is `q+ . max + q- . min` (q+, q-: the
+    positive and negative entries of q), which is `sum_i max(q_i * max_i, q_i * min_i)`."""
+    *lead, N, R2, d = summary.shape
+    R = R2 // 2
+    hi, lo = summary[..., :R, :].reshape(*lead, N * R, d), summary[..., R:, :].reshape(*lead, N * R, d)
+    bound = queries.clamp(min=0) @ hi.transpose(-1, -2) + queries.clamp(max=0) @ lo.transpose(-1, -2)
+    return bound.view(*bound.shape[:-1], N, R).amax(-1)
 
 
 class HotBlocks:
@@ -212,11 +228,11 @@ class BlockStore:
 
     Slots hold blocks; `first` (batch, slots) is the token index of a slot's first token (-1: empty).
     keys (batch, kv_heads, slots, block_size, d) are at position 0 (RoPE), values beside them, both in
-    the storage dtype (int8: with float32 scales); `summary` (batch, kv_heads, slots, representatives, d)
-    holds the representatives; `uses` counts how often each slot was chosen (with a cap, which evicts by it);
-    `formed` (batch,) how many
-    blocks each row has put in the store (blocks are formed in order: block b holds the middle tokens
-    `G + b * bs ..`); `evicted` how many the cap removed.
+    the storage dtype (int8: with float32 scales); `summary` (batch, kv_heads, slots, 2 * representatives,
+    d) holds the representatives (each part's maximum and minimum key, `summarise`); `uses` counts how
+    often each slot was chosen (with a cap, which evicts by it); `formed` (batch,) how many blocks each
+    row has put in the store (blocks are formed in order: block b holds the middle tokens `G + b * bs ..`);
+    `evicted` how many the cap removed.
 
     Where it lives: the representatives and the bookkeeping beside the model; keys and values too on the
     CPU, but in host memory when the model runs on an accelerator (`host`), with the most recently chosen
@@ -403,7 +419,7 @@ class BlockStore:
         if scaled:
             self.key_scale = torch.empty(B, Hkv, 0, bs, 1, device=self.host)
             self.value_scale = torch.empty(B, Hkv, 0, bs, 1, device=self.host)
-        self.summary = torch.empty(B, Hkv, 0, self.memory.representatives, d, device=device)
+        self.summary = torch.empty(B, Hkv, 0, 2 * self.memory.representatives, d, device=device)
         self.first = torch.empty(B, 0, dtype=torch.long, device=device)
         self.uses = torch.empty(B, 0, dtype=torch.long, device=device)
 
@@ -513,10 +529,10 @@ def chunks_of(q_idx: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
 def choose(store: BlockStore, queries: torch.Tensor, q_idx: torch.Tensor, n_local: int, record: bool = True) -> Choice:
     """The blocks each query chunk attends: for queries `queries` (batch, heads, q_len, d) moved to distance
     D and their token indices `q_idx` (batch, q_len), the `blocks` best stored blocks among those that have
-    reached the middle of the chunk's last query (`rule.middle_blocks`), by their representatives' logits.
+    reached the middle of the chunk's last query (`rule.middle_blocks`), by their representatives.
 
-    A chunk is scored with the mean of its queries (InfLLM); a block's score is the best of its
-    representatives' dot products with it, summed over the heads that share the choice (every head, or the
+    A chunk is scored with the mean of its queries (InfLLM); a block's score is the highest upper bound of
+    `q . k` over its parts (`upper_bounds`), summed over the heads that share the choice (every head, or the
     heads of one kv head). Fewer candidates than `blocks`: all of them. Ties go to the earlier slot.
     `record`: count the choice in the store's use counts (kept with a cap `max_blocks`: they order eviction)."""
     memory = store.memory
@@ -541,11 +557,9 @@ def choose(store: BlockStore, queries: torch.Tensor, q_idx: torch.Tensor, n_loca
         last = torch.full((B, C + 1), -1, dtype=torch.long, device=device)
         last = last.scatter_reduce_(1, c_idx, q_idx.to(device), reduce="amax")[:, :C]
     allowed_blocks = middle_blocks(last, store.n_global, n_local, memory.block_size)  # (B, C)
-    # Logits of the representatives: (B, Hkv, rep * C, N * R) -> best representative -> sum over the heads.
-    R = memory.representatives
-    reps = store.summary.reshape(B, Hkv, N * R, d)
-    dots = (mean_q.reshape(B, Hkv, rep * C, d) @ reps.transpose(-1, -2)).view(B, Hkv, rep, C, N, R)
-    scores = dots.amax(-1).sum(2)  # (B, Hkv, C, N)
+    # Bounds from the representatives: (B, Hkv, rep * C, N) -> summed over the heads that share a choice.
+    bounds = upper_bounds(mean_q.reshape(B, Hkv, rep * C, d), store.summary)
+    scores = bounds.view(B, Hkv, rep, C, N).sum(2)  # (B, Hkv, C, N)
     if memory.shared:
         scores = scores.sum(1, keepdim=True)
     number = torch.where(store.first >= 0, (store.first - store.n_global) // memory.block_size, -1)
@@ -562,4 +576,4 @@ def choose(store: BlockStore, queries: torch.Tensor, q_idx: torch.Tensor, n_loca
     return Choice(chosen, chunk)
 
 
-__all__ = ["BlockMemory", "BlockStore", "Choice", "HotBlocks", "choose", "chunks_of", "summarise"]
+__all__ = ["BlockMemory", "BlockStore", "Choice", "HotBlocks", "choose", "chunks_of", "summarise", "upper_bounds"]
