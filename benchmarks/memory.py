@@ -1,4 +1,4 @@
-"""Block memory: prefill and decode time per token, peak memory and store size at 4L, 16L and 64L.
+"""Block memory: prefill and decode time per token, peak memory and store size at 4L, 16L, 32L and 64L.
 
 Methods: plain Λ-attention (`lminfinite`), the top-k extension (`topk`, k=5 from layer 0: its cache keeps
 every token and each query scores every middle token) and block memory (`memory`, a `BlockMemory` given by
@@ -103,14 +103,31 @@ def point(model: str, method: str, n_local: int, length: int, steps: int, chunk:
 
 
 def _ratios(rows: list[dict]) -> None:
-    """Add each method's ratio to plain Λ at the same model and length (same run), wall and CPU time."""
-    base = {(r["model"], r["mult"]): r for r in rows if r["method"] == "lminfinite"}
+    """Add each method's ratio to plain Λ at the same model, length and repeat (run next to it), wall and CPU."""
+    base = {(r["model"], r["mult"], r["repeat"]): r for r in rows if r["method"] == "lminfinite"}
     for r in rows:
-        b = base.get((r["model"], r["mult"]))
+        b = base.get((r["model"], r["mult"], r["repeat"]))
         if b is not None:
             for kind in ("prefill", "decode"):
                 r[f"{kind}_ratio"] = r[f"{kind}_ms_per_token"] / b[f"{kind}_ms_per_token"]
                 r[f"{kind}_cpu_ratio"] = r[f"{kind}_cpu_ms_per_token"] / b[f"{kind}_cpu_ms_per_token"]
+
+
+def _medians(rows: list[dict]) -> list[dict]:
+    """One row per (model, method, length): the median of each number over the repeats."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["method"], r["mult"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        row = {k: v for k, v in runs[0].items() if not isinstance(v, float)}
+        row["repeats"] = len(runs)
+        for key in (k for k, v in runs[0].items() if isinstance(v, float)):
+            values = sorted(r[key] for r in runs if r.get(key) is not None)
+            row[key] = values[len(values) // 2] if values else None
+        row.pop("repeat", None)
+        out.append(row)
+    return out
 
 
 def main(argv=None) -> list[dict]:
@@ -120,13 +137,14 @@ def main(argv=None) -> list[dict]:
         point,
         ("--model", {"choices": ["smollm2", "llama", "both"], "default": "both"}),
         ("--n-local", {"type": int, "default": 512}),
-        ("--mults", {"default": "4,16,64"}),
+        ("--mults", {"default": "4,16,32,64"}),
         ("--methods", {"default": "lminfinite,memory,topk"}),
         ("--memory", {"default": "16:128:float16", "help": "K:BS:DTYPE of the memory method (default: %(default)s)"}),
         ("--topk-max-mult", {"type": int, "default": 16, "help": "top-k only up to this multiple of L (O(n^2))"}),
         ("--steps", {"type": int, "default": 16}),
         ("--chunk", {"type": int, "default": 2048, "help": "prefill chunk (tokens per forward)"}),
         ("--threads", {"type": int, "default": 1, "help": "torch threads per point"}),
+        ("--repeats", {"type": int, "default": 1, "help": "runs of each point, the methods interleaved (medians)"}),
     )
     if args is None:
         return []
@@ -135,33 +153,37 @@ def main(argv=None) -> list[dict]:
     all_rows = []
     for model in models:
         rows = []
-        for m in (int(x) for x in args.mults.split(",")):
-            for method in methods:
-                if method == "topk" and m > args.topk_max_mult:
-                    continue
-                row = run_point(
-                    __file__,
-                    model=model,
-                    method=method,
-                    n_local=args.n_local,
-                    length=m * args.n_local,
-                    steps=args.steps,
-                    chunk=args.chunk,
-                    threads=args.threads,
-                )
-                row["method"] = method.split(":")[0]
-                rows.append(row)
-                _ratios(rows)
-                ratio = ""
-                if "prefill_ratio" in row:
-                    ratio = f" (CPU {row['prefill_cpu_ratio']:.2f}x / {row['decode_cpu_ratio']:.2f}x of lminfinite)"
-                print(
-                    f"{model} {method:22s} {m:3d}L prefill {row['prefill_ms_per_token']:7.2f} ms/token "
-                    f"(CPU {row['prefill_cpu_ms_per_token']:.2f}), decode {row['decode_ms_per_token']:7.1f} ms/token "
-                    f"(CPU {row['decode_cpu_ms_per_token']:.1f}){ratio}, peak {row['peak_rss_mb']:6.0f} MB, "
-                    f"store {row['store_mb']:7.1f} MB",
-                    flush=True,
-                )
+        for m, repeat, method in (
+            (m, r, method)
+            for m in (int(x) for x in args.mults.split(","))
+            for r in range(args.repeats)
+            for method in methods
+        ):
+            if method == "topk" and m > args.topk_max_mult:
+                continue
+            row = run_point(
+                __file__,
+                model=model,
+                method=method,
+                n_local=args.n_local,
+                length=m * args.n_local,
+                steps=args.steps,
+                chunk=args.chunk,
+                threads=args.threads,
+            )
+            row["method"], row["repeat"] = method.split(":")[0], repeat
+            rows.append(row)
+            _ratios(rows)
+            ratio = ""
+            if "prefill_ratio" in row:
+                ratio = f" (CPU {row['prefill_cpu_ratio']:.2f}x / {row['decode_cpu_ratio']:.2f}x of lminfinite)"
+            print(
+                f"{model} {method:22s} {m:3d}L prefill {row['prefill_ms_per_token']:7.2f} ms/token "
+                f"(CPU {row['prefill_cpu_ms_per_token']:.2f}), decode {row['decode_ms_per_token']:7.1f} ms/token "
+                f"(CPU {row['decode_cpu_ms_per_token']:.1f}){ratio}, peak {row['peak_rss_mb']:6.0f} MB, "
+                f"store {row['store_mb']:7.1f} MB",
+                flush=True,
+            )
         config = {
             "model": MODELS[model] if model == "smollm2" else {MODELS[model]: REALISTIC},
             "n_local": args.n_local,
@@ -171,11 +193,14 @@ def main(argv=None) -> list[dict]:
             "chunk": args.chunk,
             "steps": args.steps,
             "threads": args.threads,
+            "repeats": args.repeats,
+            "runs": rows,  # every run; "results" holds the medians over the repeats
         }
-        save(f"memory_{model}", config, rows)
+        medians = _medians(rows)
+        save(f"memory_{model}", config, medians)
         plot(
             f"memory_{model}",
-            rows,
+            medians,
             "mult",
             [
                 ("prefill_cpu_ms_per_token", "prefill CPU ms per token"),
@@ -185,7 +210,7 @@ def main(argv=None) -> list[dict]:
             "input length / L",
             f"Block memory, {MODELS[model]}, L={args.n_local}",
         )
-        all_rows += rows
+        all_rows += medians
     return all_rows
 
 

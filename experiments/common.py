@@ -36,6 +36,7 @@ STYLE = {
     "truncate": ("^", "tab:green"),
     "sinks": ("D", "tab:purple"),
     "topk": ("*", "tab:orange"),
+    "memory": ("P", "tab:brown"),
 }
 
 
@@ -167,7 +168,7 @@ def greedy_answer(
 ) -> list[int]:
     """Greedy continuation (new ids) of `prompt` under `method`, through the library's public API.
 
-    vanilla / lminfinite / sinks / topk: the prompt minus its last token is prefilled in chunks
+    vanilla / lminfinite / sinks / topk / memory: the prompt minus its last token is prefilled in chunks
     (`lminfinite.prefill`; vanilla gets transformers' own cache), then one token per forward.
     truncate: every step reruns the model on the latest `n_local` ids, at fresh positions.
     """
