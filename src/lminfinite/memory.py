@@ -5,14 +5,16 @@ starting tokens nor in the window) are kept per layer in fixed-size blocks (`Blo
 summarised by a few representative keys: for each part of the block, the elementwise minimum and
 maximum of its keys, which bound `q . k` from above for any query (Quest, Tang et al., arXiv
 2406.10774). Per chunk of queries (prefill) or per token (decode), `choose` scores these
-representatives only (never every stored key) and picks the best blocks; every
-key of a chosen block is then seen at the capped distance `D`, like a starting token
-(`rule.memory_rule`, `kernels/memory.py`). What a forward reads stays bounded: starting tokens,
-window, chosen blocks. The store grows with the input, at a few hundred bytes per token and layer
-(float16 or int8 storage as options), or stays bounded with a cap that evicts the least-used blocks.
+representatives only (never every stored key) and picks the best blocks; every key of a chosen
+block is then seen at the capped distance `D`, like a starting token (`rule.memory_rule`,
+`kernels/memory.py`). What a forward reads stays bounded: starting tokens, window, chosen blocks. The
+store grows with the input (SmolLM2: 816 bytes per token and layer in float16, 456 in int8;
+`BlockMemory.bytes_per_token`), or stays bounded with a cap that evicts the least-used blocks.
 
 This module owns the frozen settings (`BlockMemory`), one layer's store (`BlockStore`) and the choice
-(`choose`); the cache layer owns a store, the attention function fills it and calls `choose`.
+(`choose`). A cache layer owns its layer's store and fills it (`cache.LambdaLayer.update`); attention
+calls `choose` and hands the chosen blocks to the kernel (without a cache, it stores the forward's own
+blocks in a store that lives for that forward).
 """
 
 from __future__ import annotations
