@@ -539,7 +539,10 @@ def choose(store: BlockStore, queries: torch.Tensor, q_idx: torch.Tensor, n_loca
     `record`: count the choice in the store's use counts (kept with a cap `max_blocks`: they order eviction)."""
     memory = store.memory
     B, H, T, d = queries.shape
-    chunk, C = chunks_of(q_idx, memory.query_chunk)
+    if T == 1:  # a decoded token: its own chunk
+        chunk, C = torch.where(q_idx >= 0, 0, -1), int(bool((q_idx >= 0).any()))
+    else:
+        chunk, C = chunks_of(q_idx, memory.query_chunk)
     K = memory.blocks
     if C == 0 or store.summary is None or store.first is None:  # nothing stored: no chunk chooses a block
         return Choice(torch.full((B, 1, C, K), -1, dtype=torch.long, device=q_idx.device), chunk)

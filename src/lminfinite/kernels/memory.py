@@ -137,7 +137,9 @@ def piece(
     present = chunk[chunk >= 0]
     if not present.numel():
         return out, lse
-    for c in range(int(present.min()), int(present.max()) + 1):
+    first, last = int(present.min()), int(present.max())
+    whole = first == last and present.numel() == chunk.numel()  # one chunk holds every query (decoding)
+    for c in range(first, last + 1):
         members = chunk == c  # (B, n): a query belongs to one chunk of its row
         cols = members.any(0).nonzero()
         if not cols.numel():
@@ -156,6 +158,8 @@ def piece(
             part = torch.logsumexp(logits, -1)  # (B, H, m)
             probs = torch.exp(logits - part.clamp(min=torch.finfo(torch.float32).min)[..., None])
             o = (probs.reshape(B, Hkv, rep * m, -1) @ vals).view(B, H, m, dv)
+        if whole:
+            return o, part
         take = members[:, None, a:b]
         out[:, :, a:b] = torch.where(take[..., None], o, out[:, :, a:b])
         lse[:, :, a:b] = torch.where(take, part, lse[:, :, a:b])
