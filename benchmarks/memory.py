@@ -2,7 +2,7 @@
 
 Methods: plain Λ-attention (`lminfinite`), the top-k extension (`topk`, k=5 from layer 0: its cache keeps
 every token and each query scores every middle token) and block memory (`memory`, a `BlockMemory` given by
-`--memory K:BS:DTYPE`, default 16 blocks of 128 tokens in float16: each query chunk also attends its 16
+`--memory K:BS:DTYPE`, default 8 blocks of 128 tokens in float16: each query chunk also attends its 8
 best blocks). Models: SmolLM2-135M-Instruct (the shared GGUF asset, real weights) and the random Llama of
 realistic width of the other benchmarks (`common.REALISTIC`).
 
@@ -139,7 +139,7 @@ def main(argv=None) -> list[dict]:
         ("--n-local", {"type": int, "default": 512}),
         ("--mults", {"default": "4,16,32,64"}),
         ("--methods", {"default": "lminfinite,memory,topk"}),
-        ("--memory", {"default": "16:128:float16", "help": "K:BS:DTYPE of the memory method (default: %(default)s)"}),
+        ("--memory", {"default": "8:128:float16", "help": "K:BS:DTYPE of the memory method (default: %(default)s)"}),
         ("--topk-max-mult", {"type": int, "default": 16, "help": "top-k only up to this multiple of L (O(n^2))"}),
         ("--steps", {"type": int, "default": 16}),
         ("--chunk", {"type": int, "default": 2048, "help": "prefill chunk (tokens per forward)"}),

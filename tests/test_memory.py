@@ -37,7 +37,7 @@ def test_defaults():
     assert (m.block_size, m.representatives, m.blocks, m.layers, m.dtype, m.max_blocks, m.shared) == (
         128,
         4,
-        16,
+        8,
         None,
         "float16",
         None,
@@ -57,7 +57,7 @@ def test_defaults():
         (dict(representatives=3), ValueError, "must divide block_size"),
         (dict(blocks=0), ValueError, "blocks must be >= 1"),
         (dict(dtype="bfloat16"), ValueError, "dtype must be one of"),
-        (dict(max_blocks=8), ValueError, "max_blocks=8 < blocks=16"),
+        (dict(max_blocks=4), ValueError, "max_blocks=4 < blocks=8"),
         (dict(max_blocks=0), ValueError, "max_blocks must be >= 1"),
         (dict(layers=[]), ValueError, "layers is empty"),
         (dict(layers=[1, -2]), ValueError, "layers entry must be >= 0"),

@@ -27,13 +27,13 @@ def test_method_specs():
     assert methods.get("memory").memory == BlockMemory()
     m = methods.get("memory:8:32:int8")
     assert (m.memory.blocks, m.memory.block_size, m.memory.dtype) == (8, 32, "int8")
-    assert methods.get("memory:16") == methods.get("memory") == methods.get("memory:16:128:float16")
+    assert methods.get("memory:8") == methods.get("memory") == methods.get("memory:8:128:float16")
     assert [x.name for x in methods.parse("lminfinite,memory:4:16,topk:2")] == ["lminfinite", "memory:4:16", "topk:2"]
     for bad in ("memory:0", "memory:4:16:bf16", "memory:a", "memory:4:16:int8:1", "memoryx"):
         with pytest.raises(BadValue):
             methods.get(bad)
     with pytest.raises(BadValue, match="listed twice"):
-        methods.parse("memory,memory:16:128")
+        methods.parse("memory,memory:8:128")
     with pytest.raises(BadValue, match="need n_local >= 128"):
         methods.get("memory").check(10, 64)
 

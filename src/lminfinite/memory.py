@@ -47,7 +47,8 @@ class BlockMemory:
     representatives: parts each block is summarised in (default 4): each part by the elementwise minimum
         and maximum of its keys, the tightest box around them (Quest's page summary); a query scores a block
         by the highest upper bound of `q . k` over its parts, `sum_i max(q_i * min_i, q_i * max_i)`.
-    blocks: blocks each query chunk (or decoded token) attends (InfLLM: 16).
+    blocks: blocks each query chunk (or decoded token) attends (default 8: 1024 tokens, twice a window of 512;
+        InfLLM: 16, with a window of 4096).
     layers: the layers that use memory (None: every layer). The others run plain Λ-attention.
     dtype: how stored keys and values are kept: "float16" (half of what a full KV cache holds), "float32"
         or "int8" (one float32 scale per token and head); representatives are float32.
@@ -61,12 +62,12 @@ class BlockMemory:
         are copied in; the `hot_blocks` most recently used blocks of each layer stay on the device (an LRU),
         so a decoded token that chooses what the previous one chose copies nothing.
 
-    The defaults attend 16 x 128 = 2048 memory tokens per query on top of the window.
+    The defaults attend 8 x 128 = 1024 memory tokens per query on top of the window.
     """
 
     block_size: int = 128
     representatives: int = 4
-    blocks: int = 16
+    blocks: int = 8
     layers: tuple[int, ...] | None = None
     dtype: str = "float16"
     max_blocks: int | None = None

@@ -27,7 +27,7 @@ terminal), each line is one user message and each answer is printed on one line.
 EXAMPLES = """examples:
   lminfinite chat                                   # SmolLM2-135M-Instruct (the bundled GGUF, else the hub)
   lminfinite chat --model smollm2 --n-local 1024 --system "You are a terse assistant."
-  lminfinite chat --n-local 512 --memory                    # block memory: 16 blocks of 128 tokens
+  lminfinite chat --n-local 512 --memory                    # block memory: 8 blocks of 128 tokens
   lminfinite chat --n-local 512 --memory 8:64:int8          # 8 blocks of 64 tokens, stored in int8
   lminfinite chat --model path/to/model.gguf --do-sample --temperature 0.7 --top-p 0.9
   printf 'Hi!\\nWhat is 2+2?\\n/stats\\n' | lminfinite chat --max-new-tokens 64"""
@@ -53,7 +53,7 @@ def add_command(sub, model_options) -> None:
         metavar="K:BS:DTYPE",
         type=memory_arg,
         help="block memory: each token also attends the K best blocks of BS tokens that left the window, stored "
-        "as DTYPE (float16, float32, int8); --memory alone: 16:128:float16",
+        "as DTYPE (float16, float32, int8); --memory alone: 8:128:float16",
     )
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=temperature_arg, default=1.0, help="sampling temperature > 0 (default 1.0)")

@@ -66,7 +66,7 @@ def add_command(sub, model_options) -> None:
         metavar="K:BS:DTYPE",
         type=memory_arg,
         help="block memory per session: each token also attends the K best blocks of BS tokens that left the "
-        "window, stored as DTYPE (float16, float32, int8); --memory alone: 16:128:float16",
+        "window, stored as DTYPE (float16, float32, int8); --memory alone: 8:128:float16",
     )
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     g.add_argument(

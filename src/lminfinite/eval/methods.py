@@ -21,8 +21,8 @@ every caller then dispatches through them.
   query also attends its K (default 5) best middle tokens; the cache keeps every token.
 - `memory[:K[:BS[:DTYPE]]]`: `lminfinite` with block memory (`lminfinite.BlockMemory`): the middle is
   kept in blocks of BS tokens (default 128), and each query chunk or decoded token also attends the K
-  (default 16) blocks whose representatives score best, seen at distance D; DTYPE is how the store
-  keeps them (float16, float32 or int8; default float16). `memory` = `memory:16:128:float16`.
+  (default 8) blocks whose representatives score best, seen at distance D; DTYPE is how the store
+  keeps them (float16, float32 or int8; default float16). `memory` = `memory:8:128:float16`.
 
 `parse_methods`, `applied` and `greedy` keep their string-based signatures for other callers.
 """
@@ -315,7 +315,7 @@ def top_k_setting(method: str) -> tuple[int, int]:
 
 
 def memory_setting(method: str) -> BlockMemory:
-    """The BlockMemory of a `memory[:K[:BS[:DTYPE]]]` method (defaults 16, 128, float16)."""
+    """The BlockMemory of a `memory[:K[:BS[:DTYPE]]]` method (defaults: those of `BlockMemory`, 8, 128, float16)."""
     parts = method.split(":")[1:]
     usage = f"invalid method {method!r}: write memory, memory:K, memory:K:BS or memory:K:BS:DTYPE (K, BS >= 1"
     usage += f", DTYPE one of {', '.join(STORE_DTYPES)}), e.g. memory:16:128:int8"
@@ -324,9 +324,9 @@ def memory_setting(method: str) -> BlockMemory:
         raise BadValue(usage)
     if dtype and dtype[0] not in STORE_DTYPES:
         raise BadValue(usage)
-    k, bs = ([int(p) for p in numbers] + [16, 128][len(numbers) :])[:2]
+    given = dict(zip(("blocks", "block_size"), (int(p) for p in numbers), strict=False))
     try:
-        return BlockMemory(blocks=k, block_size=bs, **({"dtype": dtype[0]} if dtype else {}))
+        return BlockMemory(**given, **({"dtype": dtype[0]} if dtype else {}))
     except (TypeError, ValueError) as e:
         raise BadValue(f"invalid method {method!r}: {e}") from None
 
