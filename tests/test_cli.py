@@ -56,6 +56,7 @@ def test_demo_writes_table_json_and_plot(tmp_path, capsys):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_ppl_two_texts_fixed_buckets_is_deterministic(tmp_path):
     args = ["ppl", "--data", TINY, "--data", ALICE, "--max-length", 1024, "--windows", 1, "--buckets", 512]
     args += ["--methods", "vanilla,lminfinite", "--no-progress"]
@@ -89,6 +90,7 @@ def test_ppl_summary_rows_count_up_to_the_end_of_the_data(tmp_path, capsys):
     assert "1024" not in table and "600" not in table
 
 
+@pytest.mark.slow
 def test_passkey_rows_in_range_and_seeded(tmp_path, capsys):
     args = ["passkey", "--lengths", "600,800", "--samples", 2, "--methods", "lminfinite,sinks", "--no-progress"]
     assert run(*args, "--out", tmp_path / "a.json", "--plot", tmp_path / "pk.png") == 0
@@ -105,6 +107,7 @@ def test_passkey_rows_in_range_and_seeded(tmp_path, capsys):
     assert (tmp_path / "pk.png").is_file()
 
 
+@pytest.mark.slow
 def test_gen_eval_scores_in_range(tmp_path):
     out = tmp_path / "gen.json"
     args = ["gen-eval", "--data", TINY, "--positions", "100,600", "--samples", 1, "--new-tokens", 16]

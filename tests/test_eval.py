@@ -84,6 +84,7 @@ def test_a_bucket_cut_by_the_data_and_the_summary_rows_cover_exactly_what_they_n
     assert line.split()[-1] == f"{float(nll[0, 512:].double().mean()):.3f}"
 
 
+@pytest.mark.slow
 def test_truncate_stride_one_is_exact_and_default_stride_matches_vanilla_inside_window(stories, window):
     model = stories[0]
     ids = window[0, :200]
@@ -105,6 +106,7 @@ def test_all_methods_equal_vanilla_inside_the_window(stories, window):
     assert not lminfinite.is_enabled(model)
 
 
+@pytest.mark.slow
 def test_lminfinite_keeps_nll_flat_past_the_pretraining_length(stories, window):
     model = stories[0]
     rows = perplexity.evaluate(
@@ -218,6 +220,7 @@ def test_evaluations_enable_each_method_once(stories, tinystories, count_enables
     assert not lminfinite.is_enabled(model)
 
 
+@pytest.mark.slow
 def test_every_method_generates_text_the_same_way(stories):
     """`Method.text`: one generation path per method (lminfinite.stream for the cached ones), the same greedy
     text inside the window, and seeded sampling for every method (vanilla included)."""
@@ -285,6 +288,7 @@ def test_passkey_prompt(stories):
     assert passkey.depth_bin(0.99, 5) == "0.8-1.0" and passkey.depth_bin(0.0, 5) == "0.0-0.2"
 
 
+@pytest.mark.slow
 def test_passkey_rows_and_determinism(stories):
     model, tok = stories
 

@@ -171,6 +171,7 @@ def test_every_method_equals_the_hf_model_within_n_local(stories_lm, manager):
             torch.testing.assert_close(loglikelihoods(ours[task["task"]]), reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_long_contexts_are_not_truncated(stories_lm, manager):
     """A 1100-token context (2x the model's length) is scored whole through the cache: the loglikelihoods are
     lminfinite.score()'s on the same tokens, vanilla and LM-Infinite; the harness's hf model (max_length 512)
@@ -199,6 +200,7 @@ def test_long_contexts_are_not_truncated(stories_lm, manager):
 # ----------------------------------------------------------------------------------- rolling perplexity
 
 
+@pytest.mark.slow
 def test_rolling_equals_score_with_a_bounded_cache(stories_lm, manager, monkeypatch):
     """lminfinite_ppl on a ~2000-token document (4x the model's length): the harness's rolling loglikelihood
     is -sum(lminfinite.score()) on the same tokens, and the LambdaCache holds at most n_global + n_local keys."""
@@ -223,6 +225,7 @@ def test_rolling_equals_score_with_a_bounded_cache(stories_lm, manager, monkeypa
     assert layer.keys.shape[-2] <= 10 + 256 and int(caches[0].seen[0]) == len(ids)
 
 
+@pytest.mark.slow
 def test_rolling_equals_the_hf_model_within_its_length(stories_lm):
     """Documents of 400 tokens (within the model's 512): every method's rolling loglikelihood is the hf model's."""
     model, tok = stories_lm
@@ -242,6 +245,7 @@ def test_rolling_equals_the_hf_model_within_its_length(stories_lm):
 # ------------------------------------------------------------------------------------------- generation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lminfinite", "vanilla", "truncate", "sinks"])
 def test_passkey_answers_are_those_of_our_passkey_command(stories_lm, method):
     """lminfinite_passkey's prompts are `lminfinite passkey`'s (same ids), and the harness's greedy answers are
@@ -262,6 +266,7 @@ def test_passkey_answers_are_those_of_our_passkey_command(stories_lm, method):
         assert answer[0] == tok.decode(expected, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_generation_past_the_window_uses_the_cache(stories_lm):
     """A batch of two left-padded prompts longer than n_local: each row's greedy answer is the one it gets
     alone (prefill of a padded batch through the LambdaCache, then generate())."""
@@ -311,6 +316,7 @@ def test_needle_uses_the_chat_template_when_there_is_one(stories):
 # -------------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_runs_the_offline_tasks_and_writes_results(tmp_path, capsys, stories_path):
     from lminfinite.cli import main
 

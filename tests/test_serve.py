@@ -191,6 +191,7 @@ def test_stop_strings_and_seeded_sampling(server, ref):
 # ----------------------------------------------------------------------------------------------- sessions
 
 
+@pytest.mark.slow
 def test_long_conversation_prefills_only_new_tokens(server, ref):
     """Turns past 10x n_local: each turn after the first prefills only its new tokens (metrics and usage),
     the kept cache stays at G + L - 1 columns, RSS stays flat, and every answer equals generate() over the
@@ -288,6 +289,7 @@ def test_no_session_reuse_prefills_every_prompt():
 # -------------------------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 def test_concurrent_clients_equal_sequential(server):
     """8 clients x 5 requests at once: all succeed, each answer equal to the same request run alone."""
     requests = [
@@ -345,6 +347,7 @@ def test_disconnected_stream_stops_generating(server):
     assert metrics(server)[tokens] == retired[tokens] + 2
 
 
+@pytest.mark.slow
 def test_concurrency_limit_and_timeout():
     """--max-concurrency 1: a second request gets 429 while one runs; --request-timeout stops a long one."""
     srv = start(max_concurrency=1, request_timeout=2.0, max_tokens_cap=100000)
@@ -506,6 +509,7 @@ def test_server_shuts_down_cleanly():
     assert threading.active_count() < 50
 
 
+@pytest.mark.slow
 def test_chat_command_with_server(server, monkeypatch, capsys):
     """`lminfinite chat --server URL --api-key KEY` talks to the server; its second turn continues the session."""
     import io

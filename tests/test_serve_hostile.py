@@ -210,6 +210,7 @@ def test_six_simultaneous_huge_prompts_are_refused_without_the_memory(server):
     assert "more than 131072" in next(r for r in answers if r.status_code == 400).json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_a_prompt_at_the_limit_is_still_served():
     """The piecewise count never refuses a prompt within the limit: a story of about 10k tokens (20k bytes, so
     it is counted in pieces before it is tokenized) is served when the limit is exactly its token count; the
@@ -273,6 +274,7 @@ def test_a_lone_surrogate_is_bad_input(server, logs, path, body, param):
 # ------------------------------------------------------------------- 5: slow requests time out, connections capped
 
 
+@pytest.mark.slow
 def test_a_request_head_sent_slowly_gets_408_and_is_closed(server):
     sock = connect(server, timeout=10)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and nothing more
@@ -283,6 +285,7 @@ def test_a_request_head_sent_slowly_gets_408_and_is_closed(server):
     sock.close()
 
 
+@pytest.mark.slow
 def test_a_body_sent_slowly_gets_408_and_is_closed(server):
     before = metrics(server)["lminfinite_read_timeouts_total"]
     sock = connect(server, timeout=10)
@@ -296,6 +299,7 @@ def test_a_body_sent_slowly_gets_408_and_is_closed(server):
     sock.close()
 
 
+@pytest.mark.slow
 def test_open_connections_are_capped():
     """--max-connections 4: a fifth connection is answered 503 at once and closed; once one closes, a new one is
     served. The idle ones are closed (without an answer: they sent nothing) by the read timeout."""
@@ -338,6 +342,7 @@ def test_a_client_gone_mid_body_is_one_info_line_not_a_500(server, logs):
 # ------------------------------------------------------------------ 7: shutdown ends every stream with an event
 
 
+@pytest.mark.slow
 def test_shutdown_ends_open_streams_with_an_error_event_and_done(logs):
     """Shutdown (what SIGTERM does: uvicorn's should_exit) with a stream and a plain request running: within the
     grace period each ends with a 503 (the stream: an error event, then [DONE]), nothing is cut off."""
