@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from lminfinite.integrations.vllm import LambdaSettings, settings_of  # noqa: E4
 G, L = 10, 256
 OVERRIDES = {"lminfinite": {"n_global": G, "n_local": L}}
 # Small engines for a shared 2-core machine: 1 GiB of KV cache, prefill chunks of 1024 tokens (so every prompt
-# longer than that is prefilled in chunks: chunked prefill is what these tests run).
+# longer than that is prefilled in chunks: chunked prefill is what these tests run). vLLM's default executor: on
+# this machine its worker is bound to one core, so the library's references are computed on the other one while
+# an engine runs (an engine in the test's own process, executor "uni", started faster but computed 1.7x slower).
 ENGINE = {
     "dtype": "float32",
     "enforce_eager": True,
@@ -289,19 +292,37 @@ def prompts(smollm2):
     return {"short": ids[:200], "p700": ids[5000:5700], "p2000": ids[:2000], "p12000": ids[:12000]}
 
 
-def _run_engine(job: dict, tmp: Path, env: dict | None = None) -> dict:
-    job_file, out_file = tmp / "job.json", tmp / "out.json"
-    job_file.write_text(json.dumps(job))
-    proc = subprocess.run(
-        [sys.executable, "-m", "lminfinite.integrations.vllm.generate", str(job_file), str(out_file)],
-        capture_output=True,
-        text=True,
-        timeout=ENGINE_TIMEOUT,
-        env={**os.environ, **(env or {})},
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"the vLLM engine failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(out_file.read_text())
+@dataclass
+class _Engine:
+    """A vLLM engine job running in its own process (`python -m lminfinite.integrations.vllm.generate`); its log
+    goes to a file, so the test can compute while it runs."""
+
+    proc: subprocess.Popen
+    out_file: Path
+    log_file: Path
+
+    @classmethod
+    def start(cls, job: dict, tmp: Path, env: dict | None = None) -> _Engine:
+        job_file, out_file, log_file = tmp / "job.json", tmp / "out.json", tmp / "engine.log"
+        job_file.write_text(json.dumps(job))
+        with log_file.open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lminfinite.integrations.vllm.generate", str(job_file), str(out_file)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+        return cls(proc, out_file, log_file)
+
+    def result(self) -> dict:
+        try:
+            rc = self.proc.wait(ENGINE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        if rc != 0:
+            raise AssertionError(f"the vLLM engine failed (rc {rc}):\n{self.log_file.read_text()[-6000:]}")
+        return json.loads(self.out_file.read_text())
 
 
 def _library_greedy(model, ids: list[int], lambda_on: bool) -> tuple[list[int], list[float]]:
@@ -341,8 +362,8 @@ def plugin_runs(smollm2, prompts, tmp_path_factory):
     """One engine with the plugin (G=10, L=256, max_model_len 32768, prefix caching on, vLLM's default): each
     prompt alone on an empty cache, then a mixed batch whose requests hit the prefix cache, then 12000 tokens whose
     first 1920 come from the cache (the blocks of the 2000-token prompt: 128-token blocks, the window's and the
-    starting tokens')."""
-    _, _, folder = smollm2
+    starting tokens'). While it runs, the library's greedy tokens for the same prompts (`library`)."""
+    model, _, folder = smollm2
     order = ["p2000", "short", "p700", "p12000"]
     job = {
         "model": folder,
@@ -352,17 +373,21 @@ def plugin_runs(smollm2, prompts, tmp_path_factory):
         "max_tokens": NEW_TOKENS,
         "logprobs": 1,
     }
-    out = _run_engine(job, tmp_path_factory.mktemp("plugin"))
-    runs = out["runs"]
+    engine = _Engine.start(job, tmp_path_factory.mktemp("plugin"))
+    try:
+        library = {name: _library_greedy(model, prompts[name], lambda_on=True) for name in ("p2000", "p700", "p12000")}
+    finally:
+        runs = engine.result()["runs"]
     single = {"p2000": runs[0][0], "short": runs[1][0], "p700": runs[2][0], "p12000": runs[4][0]}
     mixed = {"short": runs[3][0], "p2000": runs[3][1], "p700": runs[3][2]}
-    return single, mixed
+    return {"single": single, "mixed": mixed, "library": library}
 
 
 @pytest.fixture(scope="module")
-def vanilla_runs(smollm2, prompts, tmp_path_factory):
-    """One engine without the override (the plugin is installed but not asked for)."""
-    _, _, folder = smollm2
+def vanilla_runs(smollm2, prompts, plugin_runs, tmp_path_factory):
+    """One engine without the override (the plugin is installed but not asked for), after the plugin's engine;
+    while it runs, transformers' own greedy tokens for the 2000-token prompt (`transformers`)."""
+    model, _, folder = smollm2
     job = {
         "model": folder,
         "engine": {**ENGINE, "max_model_len": 8192},
@@ -370,19 +395,22 @@ def vanilla_runs(smollm2, prompts, tmp_path_factory):
         "runs": [[0], [1]],
         "max_tokens": NEW_TOKENS,
     }
-    out = _run_engine(job, tmp_path_factory.mktemp("vanilla"))
-    return {"short": out["runs"][0][0], "p2000": out["runs"][1][0]}
+    engine = _Engine.start(job, tmp_path_factory.mktemp("vanilla"))
+    try:
+        transformers_tokens, _ = _library_greedy(model, prompts["p2000"], lambda_on=False)
+    finally:
+        runs = engine.result()["runs"]
+    return {"short": runs[0][0], "p2000": runs[1][0], "transformers": {"p2000": transformers_tokens}}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["p2000", "p700", "p12000"])
-def test_plugin_gives_the_librarys_greedy_tokens_and_logprobs(smollm2, prompts, plugin_runs, name):
+def test_plugin_gives_the_librarys_greedy_tokens_and_logprobs(plugin_runs, name):
     """2000 and 700 tokens (8x and 3x L) and 12000 (past the model's 8192-token context), prefilled in chunks
     of 1024: the same 16 greedy tokens as `lminfinite.enable(model, n_global=10, n_local=256)`, and their
     log-probabilities within float32 tolerance."""
-    model = smollm2[0]
-    tokens, logprobs = _library_greedy(model, prompts[name], lambda_on=True)
-    got = plugin_runs[0][name]
+    tokens, logprobs = plugin_runs["library"][name]
+    got = plugin_runs["single"][name]
     assert got["token_ids"] == tokens
     torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(logprobs), atol=2e-3, rtol=0)
 
@@ -391,26 +419,25 @@ def test_plugin_gives_the_librarys_greedy_tokens_and_logprobs(smollm2, prompts, 
 def test_plugin_differs_from_full_attention_past_the_window(plugin_runs, vanilla_runs):
     """The Λ rule is in effect: past L the plugin does not give full attention's tokens (which it would if the
     override were ignored)."""
-    assert plugin_runs[0]["p2000"]["token_ids"] != vanilla_runs["p2000"]["token_ids"]
+    assert plugin_runs["single"]["p2000"]["token_ids"] != vanilla_runs["p2000"]["token_ids"]
 
 
 @pytest.mark.slow
 def test_prompts_within_the_window_give_vllms_own_tokens(plugin_runs, vanilla_runs):
-    assert plugin_runs[0]["short"]["token_ids"] == vanilla_runs["short"]["token_ids"]
+    assert plugin_runs["single"]["short"]["token_ids"] == vanilla_runs["short"]["token_ids"]
 
 
 @pytest.mark.slow
-def test_without_the_override_the_engine_is_vllms_own(smollm2, prompts, vanilla_runs):
+def test_without_the_override_the_engine_is_vllms_own(vanilla_runs):
     """The installed plugin changes nothing for a model that does not ask for it: full attention, as
     transformers computes it, on a 2000-token prompt."""
-    tokens, _ = _library_greedy(smollm2[0], prompts["p2000"], lambda_on=False)
-    assert vanilla_runs["p2000"]["token_ids"] == tokens
+    assert vanilla_runs["p2000"]["token_ids"] == vanilla_runs["transformers"]["p2000"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["short", "p2000", "p700"])
 def test_a_mixed_batch_gives_each_request_its_single_request_answer(plugin_runs, name):
-    single, mixed = plugin_runs
+    single, mixed = plugin_runs["single"], plugin_runs["mixed"]
     assert mixed[name]["token_ids"] == single[name]["token_ids"]
     torch.testing.assert_close(
         torch.tensor(mixed[name]["logprobs"]), torch.tensor(single[name]["logprobs"]), atol=2e-3, rtol=0
@@ -422,7 +449,7 @@ def test_prefix_cache_hits_are_used_past_the_window(plugin_runs):
     """The mixed batch and the 12000-token prompt start from cached blocks (their tokens are compared above:
     the mixed batch with the cold single requests, 12000 tokens with the library). 2000 tokens: 15 full blocks of
     128 can be reused (the last token is always recomputed), 700 tokens: 5, 200 tokens: 1."""
-    single, mixed = plugin_runs
+    single, mixed = plugin_runs["single"], plugin_runs["mixed"]
     assert single["p2000"]["num_cached_tokens"] == 0
     assert {name: mixed[name]["num_cached_tokens"] for name in mixed} == {"short": 128, "p2000": 1920, "p700": 640}
     assert single["p12000"]["num_cached_tokens"] == 1920
@@ -437,5 +464,5 @@ def test_tensor_parallel_3_gives_the_same_tokens(smollm2, prompts, plugin_runs, 
         "prompts": [prompts["p2000"]],
         "max_tokens": NEW_TOKENS,
     }
-    out = _run_engine(job, tmp_path, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"})
-    assert out["runs"][0][0]["token_ids"] == plugin_runs[0]["p2000"]["token_ids"]
+    out = _Engine.start(job, tmp_path, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}).result()
+    assert out["runs"][0][0]["token_ids"] == plugin_runs["single"]["p2000"]["token_ids"]

@@ -27,7 +27,9 @@ httpx = pytest.importorskip("httpx")
 G, L = 10, 256
 BLOCK = 128  # vLLM's CPU block size
 CHUNK = 1024  # --max-num-batched-tokens
-TURNS, TURN_TOKENS, ANSWER_TOKENS, MEASURE_AT = 30, 300, 12, 7
+# 29 turns of 150 tokens, then one of 3500 that takes the conversation past the model's 8192-token context; answers
+# of 8 tokens, the blocks read while the 5th streams.
+TURNS, TURN_TOKENS, LAST_TURN_TOKENS, ANSWER_TOKENS, MEASURE_AT = 30, 150, 3500, 8, 5
 STARTUP_TIMEOUT = 600
 
 
@@ -108,12 +110,12 @@ def test_the_openai_client_gets_an_answer(server):
 
 @pytest.mark.slow
 def test_a_30_turn_conversation_past_the_context_keeps_the_kv_blocks_flat(server):
-    """30 turns of ~300 prompt tokens (Alice), each sending the whole conversation, grow past 10x L and past the
-    model's 8192-token context: every turn is answered. While the 7th streamed token of an answer arrives (the
-    prompt is prefilled and decoding is steady), vLLM's gauge `vllm:kv_cache_usage_perc` times the pool gives the
-    blocks the one running request holds: the starting block and the window's 2-3 blocks (+1 in flight), the same
-    at 600 tokens as at 9000. Each turn's earlier turns come from the prefix cache (vLLM's counters
-    `vllm:prefix_cache_hits/queries`, in tokens): the conversation is not prefilled again each turn."""
+    """30 turns (Alice: 29 of 150 tokens, then one of 3500), each sending the whole conversation, grow past 10x L
+    and past the model's 8192-token context: every turn is answered. While the 5th streamed token of an answer
+    arrives (the prompt is prefilled and decoding is steady), vLLM's gauge `vllm:kv_cache_usage_perc` times the
+    pool gives the blocks the one running request holds: the starting block and the window's 2-3 blocks (+1 in
+    flight), the same at 500 tokens as past 8192. Each turn's earlier turns come from the prefix cache (vLLM's
+    counters `vllm:prefix_cache_hits/queries`, in tokens): the conversation is not prefilled again each turn."""
     from lminfinite.models.assets import asset
 
     base, client, tokenizer = server["base"], server["client"], server["tokenizer"]
@@ -122,7 +124,8 @@ def test_a_30_turn_conversation_past_the_context_keeps_the_kv_blocks_flat(server
     ids = ids["input_ids"]
     messages, held, lengths, cached = [], [], [], []
     for turn in range(TURNS):
-        text = tokenizer.decode(ids[turn * TURN_TOKENS : (turn + 1) * TURN_TOKENS])
+        size = LAST_TURN_TOKENS if turn == TURNS - 1 else TURN_TOKENS
+        text = tokenizer.decode(ids[turn * TURN_TOKENS : turn * TURN_TOKENS + size])
         messages.append({"role": "user", "content": f"Read this and say one word about it. {text}"})
         queries, hits = _metric(base, "vllm:prefix_cache_queries_total"), _metric(base, "vllm:prefix_cache_hits_total")
         stream = client.chat.completions.create(
