@@ -106,14 +106,18 @@ def test_real_sigint_during_a_forward_is_held_until_it_is_done(fresh_stories):
         if len(calls) == 8:  # the 8th forward: a decoding step
             os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's own SIGINT handler, as in a terminal (a process started in the background of a script inherits
+    # SIGINT ignored, and Python then installs none)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     handle = model.register_forward_hook(hook)
     try:
         with pytest.raises(KeyboardInterrupt):
             for _ in chat.send("Once upon a time"):
                 pass
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     finally:
         handle.remove()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        signal.signal(signal.SIGINT, inherited)
     assert chat._broken is None
     assert chat.tokens_seen == len(chat.tokens) == chat.cache.get_seq_length()
     assert 1 <= chat.stats()["last_answer_tokens"] < 20
