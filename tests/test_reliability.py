@@ -313,7 +313,13 @@ def test_generate_stream_ctrl_c_in_process(fresh, monkeypatch, capsys):
 
 def _generate_process(*extra: str) -> subprocess.Popen:
     argv = [sys.executable, "-m", "lminfinite.cli", "generate", "--prompt", PROMPT, "--max-new-tokens", "100000"]
-    return subprocess.Popen([*argv, "--stream", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT as in a terminal: a test run started in a script's background inherits it ignored
+    return subprocess.Popen(
+        [*argv, "--stream", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 @pytest.mark.slow  # a subprocess: about 3 s on a quiet machine, much more on a busy one
