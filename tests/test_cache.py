@@ -220,6 +220,7 @@ def test_crop_rolls_back_inside_the_window_and_refuses_beyond():
         long_cache.crop(-2)
 
 
+@pytest.mark.slow
 def test_progress_bars_and_seeded_sampling(capsys):
     model = lminfinite.enable(tiny_model("llama"), n_global=G, n_local=L)
     ids = torch.randint(3, 101, (1, 100))

@@ -204,6 +204,7 @@ def count_enables(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_evaluations_enable_each_method_once(stories, tinystories, count_enables):
     """Once per method for a whole evaluation, not once per window or prompt."""
     model, tok = stories
@@ -237,6 +238,7 @@ def test_every_method_generates_text_the_same_way(stories):
     assert len(set(sampled)) == 1 and sampled[0] != greedy_texts[0]
 
 
+@pytest.mark.slow
 def test_topk_method_enables_top_k_and_equals_vanilla_inside_the_window(stories, window):
     model = stories[0]
     ids = window[0, :300]
@@ -401,6 +403,7 @@ def test_passkey_plot_says_when_the_model_cannot_do_the_task():
     assert "--methods vanilla --lengths 512" in report.passkey_note(without_vanilla, 512)
 
 
+@pytest.mark.slow
 def test_plots_and_tables(tmp_path):
     rows = [
         perplexity._row(m, a, b, 10, v)

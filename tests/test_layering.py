@@ -92,6 +92,7 @@ def test_no_module_imports_itself_back():
     assert not cycles, cycles
 
 
+@pytest.mark.slow
 def test_importing_the_library_loads_no_tool():
     code = "import sys, lminfinite; print(sorted(m for m in sys.modules if m.startswith(%r) or m == 'matplotlib'))"
     done = subprocess.run([sys.executable, "-c", code % (TOOLS,)], capture_output=True, text=True, check=True)

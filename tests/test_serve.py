@@ -243,6 +243,7 @@ def test_sessions_are_isolated_per_api_key(server, ref):
     assert usage_a.prompt_tokens_details.cached_tokens > 0
 
 
+@pytest.mark.slow
 def test_lru_and_memory_eviction():
     srv = start(max_sessions=2)
     try:

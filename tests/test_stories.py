@@ -41,6 +41,7 @@ def test_nll_stays_flat_far_beyond_the_training_length(stories):
     assert vanilla[:, far].mean() > 3 * lam[:, near].mean()
 
 
+@pytest.mark.slow
 def test_score_in_chunks_equals_one_forward_on_real_text(stories):
     model, tok = stories
     ids = _windows(tok, n_windows=1, length=3000)
