@@ -2,7 +2,7 @@
 
 Methods: plain Λ-attention (`lminfinite`), the top-k extension (`topk`, k=5 from layer 0: its cache keeps
 every token and each query scores every middle token) and block memory (`memory`, a `BlockMemory` given by
-`--memory K:BS:DTYPE`, default 8 blocks of 128 tokens in float16: each query chunk also attends its 8
+`--memory K:BS:DTYPE[:SCOPE]`, default 8 blocks of 128 tokens in float16: each query chunk also attends its 8
 best blocks). Models: SmolLM2-135M-Instruct (the shared GGUF asset, real weights) and the random Llama of
 realistic width of the other benchmarks (`common.REALISTIC`).
 
@@ -19,8 +19,9 @@ one-thread process is what the work itself costs, so the ratios are quoted from 
     python benchmarks/memory.py                                   # SmolLM2 and the random Llama, L=512
     python benchmarks/memory.py --model smollm2 --mults 4,16 --methods lminfinite,memory
     python benchmarks/memory.py --model llama --n-local 256 --memory 16:128:int8
+    python benchmarks/memory.py --model smollm2 --mults 32 --methods lminfinite,memory,memory:8:128:float16:heads --name scope
 
-Results: `benchmarks/results/memory_<model>.json` and `.png`.
+Results: `benchmarks/results/memory_<model>[_<name>].json` and `.png`.
 """
 
 from __future__ import annotations
@@ -139,12 +140,16 @@ def main(argv=None) -> list[dict]:
         ("--n-local", {"type": int, "default": 512}),
         ("--mults", {"default": "4,16,32,64"}),
         ("--methods", {"default": "lminfinite,memory,topk"}),
-        ("--memory", {"default": "8:128:float16", "help": "K:BS:DTYPE of the memory method (default: %(default)s)"}),
+        (
+            "--memory",
+            {"default": "8:128:float16", "help": "K:BS:DTYPE[:SCOPE] of the memory method (default: %(default)s)"},
+        ),
         ("--topk-max-mult", {"type": int, "default": 16, "help": "top-k only up to this multiple of L (O(n^2))"}),
         ("--steps", {"type": int, "default": 16}),
         ("--chunk", {"type": int, "default": 2048, "help": "prefill chunk (tokens per forward)"}),
         ("--threads", {"type": int, "default": 1, "help": "torch threads per point"}),
         ("--repeats", {"type": int, "default": 1, "help": "runs of each point, the methods interleaved (medians)"}),
+        ("--name", {"default": "", "help": "suffix of the result files: memory_<model>[_<name>].json/.png"}),
     )
     if args is None:
         return []
@@ -171,7 +176,9 @@ def main(argv=None) -> list[dict]:
                 chunk=args.chunk,
                 threads=args.threads,
             )
-            row["method"], row["repeat"] = method.split(":")[0], repeat
+            # `memory` stands for --memory's setting; a memory spec written in --methods keeps its name
+            row["method"] = "memory" if method == f"memory:{args.memory}" else method
+            row["repeat"] = repeat
             rows.append(row)
             _ratios(rows)
             ratio = ""
@@ -197,9 +204,10 @@ def main(argv=None) -> list[dict]:
             "runs": rows,  # every run; "results" holds the medians over the repeats
         }
         medians = _medians(rows)
-        save(f"memory_{model}", config, medians)
+        name = f"memory_{model}_{args.name}" if args.name else f"memory_{model}"
+        save(name, config, medians)
         plot(
-            f"memory_{model}",
+            name,
             medians,
             "mult",
             [

@@ -28,8 +28,19 @@ def test_method_specs():
     m = methods.get("memory:8:32:int8")
     assert (m.memory.blocks, m.memory.block_size, m.memory.dtype) == (8, 32, "int8")
     assert methods.get("memory:8") == methods.get("memory") == methods.get("memory:8:128:float16")
+    assert methods.get("memory:8:128:float16:shared").memory == BlockMemory(shared=True)
+    assert methods.get("memory:4:64:int8:heads").memory == BlockMemory(
+        blocks=4, block_size=64, dtype="int8", shared=False
+    )
     assert [x.name for x in methods.parse("lminfinite,memory:4:16,topk:2")] == ["lminfinite", "memory:4:16", "topk:2"]
-    for bad in ("memory:0", "memory:4:16:bf16", "memory:a", "memory:4:16:int8:1", "memoryx"):
+    for bad in (
+        "memory:0",
+        "memory:4:16:bf16",
+        "memory:a",
+        "memory:4:16:int8:1",
+        "memory:4:16:int8:heads:1",
+        "memoryx",
+    ):
         with pytest.raises(BadValue):
             methods.get(bad)
     with pytest.raises(BadValue, match="listed twice"):

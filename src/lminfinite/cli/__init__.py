@@ -31,7 +31,7 @@ from pathlib import Path
 from ..eval.errors import BadInput, BadValue, MissingDependency
 
 PROG = "lminfinite"
-# the default comparison; topk[:K[:FROM]] and memory[:K[:BS[:DTYPE]]] on request
+# the default comparison; topk[:K[:FROM]] and memory[:K[:BS[:DTYPE[:SCOPE]]]] on request
 ALL_METHODS = "vanilla,lminfinite,truncate,sinks"
 DEMO_TEXT = ("corpora", "tinystories_train_head.txt")
 BENCHMARKS = ("prefill", "decode", "score")  # what `benchmarks/run_all.py --only` accepts
@@ -156,7 +156,7 @@ def method_arg(text: str):
 
 
 def memory_arg(text: str):
-    """The `lminfinite.BlockMemory` of `--memory [K[:BS[:DTYPE]]]` (the settings of the `memory` method)."""
+    """The `lminfinite.BlockMemory` of `--memory [K[:BS[:DTYPE[:SCOPE]]]]` (the settings of the `memory` method)."""
     from ..eval.methods import memory_setting
 
     try:
@@ -213,7 +213,7 @@ def _output_options(
         "--methods",
         type=method_objects,
         default=methods,
-        help=f"comma-separated, from {ALL_METHODS},topk[:K[:FROM_LAYER]],memory[:K[:BS[:DTYPE]]]",
+        help=f"comma-separated, from {ALL_METHODS},topk[:K[:FROM_LAYER]],memory[:K[:BS[:DTYPE[:SCOPE]]]]",
     )
     g.add_argument("--out", default=out, help="write the results as JSON here")
     g.add_argument("--plot", default=plot, help="save a plot here (.png, .pdf, .svg, ...)")
@@ -359,7 +359,7 @@ def build_parser() -> Parser:
         "--method",
         type=method_arg,
         default="lminfinite",
-        help=f"one of {ALL_METHODS},topk[:K[:FROM]],memory[:K[:BS[:DTYPE]]]",
+        help=f"one of {ALL_METHODS},topk[:K[:FROM]],memory[:K[:BS[:DTYPE[:SCOPE]]]]",
     )
     p.add_argument("--max-new-tokens", type=nonneg_int, default=256, help="stop after this many tokens (or at EOS)")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")

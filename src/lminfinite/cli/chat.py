@@ -50,10 +50,11 @@ def add_command(sub, model_options) -> None:
         "--memory",
         nargs="?",
         const="",
-        metavar="K:BS:DTYPE",
+        metavar="K:BS:DTYPE:SCOPE",
         type=memory_arg,
         help="block memory: each token also attends the K best blocks of BS tokens that left the window, stored "
-        "as DTYPE (float16, float32, int8); --memory alone: 8:128:float16",
+        "as DTYPE (float16, float32, int8), chosen for all heads of a layer (SCOPE shared) or per kv head (heads); "
+        "--memory alone: 8:128:float16:shared",
     )
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=temperature_arg, default=1.0, help="sampling temperature > 0 (default 1.0)")

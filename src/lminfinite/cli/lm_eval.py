@@ -55,7 +55,7 @@ def add_command(sub, model_options: argparse.ArgumentParser) -> None:
         "--method",
         type=method_objects,
         default="lminfinite",
-        help=f"one or several (comma-separated) of {ALL_METHODS},topk[:K[:FROM]],memory[:K[:BS[:DTYPE]]] "
+        help=f"one or several (comma-separated) of {ALL_METHODS},topk[:K[:FROM]],memory[:K[:BS[:DTYPE[:SCOPE]]]] "
         "(default lminfinite)",
     )
     g.add_argument("--limit", type=_limit, help="documents per task (a fraction if below 1); for testing")

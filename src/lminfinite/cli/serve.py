@@ -63,10 +63,11 @@ def add_command(sub, model_options) -> None:
         "--memory",
         nargs="?",
         const="",
-        metavar="K:BS:DTYPE",
+        metavar="K:BS:DTYPE:SCOPE",
         type=memory_arg,
         help="block memory per session: each token also attends the K best blocks of BS tokens that left the "
-        "window, stored as DTYPE (float16, float32, int8); --memory alone: 8:128:float16",
+        "window, stored as DTYPE (float16, float32, int8), chosen for all heads of a layer (SCOPE shared) or per kv "
+        "head (heads); --memory alone: 8:128:float16:shared",
     )
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     g.add_argument(

@@ -19,10 +19,11 @@ every caller then dispatches through them.
   the window is recomputed; see `truncate.truncate_nll` for scoring).
 - `topk[:K[:FROM]]`: `lminfinite` with the top-k extension: in layers >= FROM (default 0) each
   query also attends its K (default 5) best middle tokens; the cache keeps every token.
-- `memory[:K[:BS[:DTYPE]]]`: `lminfinite` with block memory (`lminfinite.BlockMemory`): the middle is
-  kept in blocks of BS tokens (default 128), and each query chunk or decoded token also attends the K
-  (default 8) blocks whose representatives score best, seen at distance D; DTYPE is how the store
-  keeps them (float16, float32 or int8; default float16). `memory` = `memory:8:128:float16`.
+- `memory[:K[:BS[:DTYPE[:SCOPE]]]]`: `lminfinite` with block memory (`lminfinite.BlockMemory`): the
+  middle is kept in blocks of BS tokens (default 128), and each query chunk or decoded token also attends
+  the K (default 8) blocks whose representatives score best, seen at distance D; DTYPE is how the store
+  keeps them (float16, float32 or int8; default float16); SCOPE is `shared` (one choice for all heads of
+  a layer, the default) or `heads` (one per kv head). `memory` = `memory:8:128:float16:shared`.
 
 `parse_methods`, `applied` and `greedy` keep their string-based signatures for other callers.
 """
@@ -49,6 +50,7 @@ from .truncate import truncate_nll
 METHODS = ("vanilla", "lminfinite", "truncate", "sinks", "topk", "memory")
 CACHED = ("lminfinite", "sinks", "topk", "memory")  # the methods that run on a LambdaCache
 PARAMETERISED = ("topk", "memory")  # the methods whose name may carry settings after a colon
+MEMORY_SCOPES = {"shared": True, "heads": False}  # memory's SCOPE field -> BlockMemory.shared
 
 Picker = Callable[[torch.Tensor], torch.Tensor]
 
@@ -315,18 +317,24 @@ def top_k_setting(method: str) -> tuple[int, int]:
 
 
 def memory_setting(method: str) -> BlockMemory:
-    """The BlockMemory of a `memory[:K[:BS[:DTYPE]]]` method (defaults: those of `BlockMemory`, 8, 128, float16)."""
+    """The BlockMemory of a `memory[:K[:BS[:DTYPE[:SCOPE]]]]` method (defaults: those of `BlockMemory`: 8, 128,
+    float16, shared)."""
     parts = method.split(":")[1:]
-    usage = f"invalid method {method!r}: write memory, memory:K, memory:K:BS or memory:K:BS:DTYPE (K, BS >= 1"
-    usage += f", DTYPE one of {', '.join(STORE_DTYPES)}), e.g. memory:16:128:int8"
-    numbers, dtype = parts[:2], parts[2:]
-    if base(method) != "memory" or len(parts) > 3 or not all(p.isdigit() and int(p) > 0 for p in numbers):
+    usage = f"invalid method {method!r}: write memory, memory:K, memory:K:BS, memory:K:BS:DTYPE or "
+    usage += f"memory:K:BS:DTYPE:SCOPE (K, BS >= 1, DTYPE one of {', '.join(STORE_DTYPES)}, SCOPE one of "
+    usage += f"{', '.join(MEMORY_SCOPES)}), e.g. memory:16:128:int8 or memory:8:128:float16:heads"
+    numbers, dtype, scope = parts[:2], parts[2:3], parts[3:]
+    if base(method) != "memory" or len(parts) > 4 or not all(p.isdigit() and int(p) > 0 for p in numbers):
         raise BadValue(usage)
-    if dtype and dtype[0] not in STORE_DTYPES:
+    if (dtype and dtype[0] not in STORE_DTYPES) or (scope and scope[0] not in MEMORY_SCOPES):
         raise BadValue(usage)
-    given = dict(zip(("blocks", "block_size"), (int(p) for p in numbers), strict=False))
+    given: dict = dict(zip(("blocks", "block_size"), (int(p) for p in numbers), strict=False))
+    if dtype:
+        given["dtype"] = dtype[0]
+    if scope:
+        given["shared"] = MEMORY_SCOPES[scope[0]]
     try:
-        return BlockMemory(**given, **({"dtype": dtype[0]} if dtype else {}))
+        return BlockMemory(**given)
     except (TypeError, ValueError) as e:
         raise BadValue(f"invalid method {method!r}: {e}") from None
 

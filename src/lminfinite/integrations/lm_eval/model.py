@@ -6,7 +6,7 @@ What differs from the harness's "hf" model:
 - `pretrained`: anything `lminfinite.models.load_model` takes (`stories260K`, `smollm2`, a llama2.c `.bin`, a
   `.gguf` file, a hub name, a model folder) or an already-loaded model (then pass `tokenizer=`, and
   `model_name=` for the name the results and the offline tasks know it by).
-- The method (`lminfinite`, `topk[:K[:FROM]]`, `memory[:K[:BS[:DTYPE]]]`, `sinks`, `vanilla`, `truncate`) is
+- The method (`lminfinite`, `topk[:K[:FROM]]`, `memory[:K[:BS[:DTYPE[:SCOPE]]]]`, `sinks`, `vanilla`, `truncate`) is
   switched on once, when the model is built, with `n_global`, `n_local`, `limit_distance`, `top_k`,
   `top_k_from_layer` and `backend` (the attention kernel: auto, torch, naive, flex).
 - `max_length` is unbounded unless given: the harness never left-truncates a context.
