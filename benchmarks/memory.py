@@ -19,7 +19,8 @@ one-thread process is what the work itself costs, so the ratios are quoted from 
     python benchmarks/memory.py                                   # SmolLM2 and the random Llama, L=512
     python benchmarks/memory.py --model smollm2 --mults 4,16 --methods lminfinite,memory
     python benchmarks/memory.py --model llama --n-local 256 --memory 16:128:int8
-    python benchmarks/memory.py --model smollm2 --mults 32 --methods lminfinite,memory,memory:8:128:float16:heads --name scope
+    python benchmarks/memory.py --model smollm2 --mults 32 --methods lminfinite,memory,memory:8:128:float16:heads \\
+        --name scope                                              # one choice per layer or one per kv head
 
 Results: `benchmarks/results/memory_<model>[_<name>].json` and `.png`.
 """
