@@ -139,8 +139,12 @@ def test_lm_eval_model_takes_memory(stories):
 
     model, tok = stories
     lm = LMInfiniteLM(pretrained=model, tokenizer=tok, method="memory:2:16", n_local=L, n_global=G, chunk_size=64)
-    assert lm.settings["memory"] == {"blocks": 2, "block_size": 16, "dtype": "float16"}
+    assert lm.settings["memory"] == {"blocks": 2, "block_size": 16, "dtype": "float16", "shared": True}
     assert lminfinite.config_of(model).memory == BlockMemory(blocks=2, block_size=16)
+    lminfinite.disable(model)
+    lm = LMInfiniteLM(pretrained=model, tokenizer=tok, method="memory:2:16:int8:heads", n_local=L, n_global=G)
+    assert lm.settings["memory"] == {"blocks": 2, "block_size": 16, "dtype": "int8", "shared": False}
+    assert lminfinite.config_of(model).memory == BlockMemory(blocks=2, block_size=16, dtype="int8", shared=False)
     with pytest.raises(BadValue, match="takes no top_k"):
         LMInfiniteLM(pretrained=model, tokenizer=tok, method="memory", n_local=256, top_k=3)
     lminfinite.disable(model)

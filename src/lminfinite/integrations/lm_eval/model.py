@@ -181,7 +181,12 @@ class LMInfiniteLM(HFLM):
             if method.kind == "memory":
                 memory = kwargs["memory"]
                 settings.update(
-                    memory={"blocks": memory.blocks, "block_size": memory.block_size, "dtype": memory.dtype}
+                    memory={
+                        "blocks": memory.blocks,
+                        "block_size": memory.block_size,
+                        "dtype": memory.dtype,
+                        "shared": memory.shared,
+                    }
                 )
             return settings
         given = {"limit_distance": limit_distance, "top_k": top_k or None, "top_k_from_layer": top_k_from_layer}
