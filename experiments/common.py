@@ -159,6 +159,20 @@ def parse_methods(spec: str) -> list[str]:
     return parse(spec)
 
 
+def method_order(methods: Sequence[str]) -> list[str]:
+    """The methods once each, in STYLE's order (variants of a family by their spec, shortest first).
+
+    Reports and plots list methods the same way whichever run came last.
+    """
+    families = list(STYLE)
+
+    def key(method: str) -> tuple[int, int, str]:
+        family = method.split(":", 1)[0]
+        return (families.index(family) if family in families else len(families), len(method), method)
+
+    return sorted(dict.fromkeys(methods), key=key)
+
+
 def style(method: str) -> tuple[str, str]:
     return STYLE.get(method.split(":", 1)[0], ("x", "black"))
 

@@ -25,6 +25,7 @@ from common import (
     item_key,
     load,
     log,
+    method_order,
     parse_ints,
     parse_methods,
     progress,
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
             bar.update()
         bar.close()
     records = partial.values()
-    methods = list(dict.fromkeys([*methods, *(r["method"] for r in records)]))
+    methods = method_order([*methods, *(r["method"] for r in records)])
     done = {item_key(r["position"], r["sample"], r["method"]) for r in records}
     rows = summary(records)
     payload = {

@@ -27,6 +27,7 @@ from common import (
     item_key,
     load,
     log,
+    method_order,
     parse_floats,
     parse_ints,
     parse_methods,
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
             bar.update()
         bar.close()
     records = partial.values()
-    methods = list(dict.fromkeys([*methods, *(r["method"] for r in records)]))
+    methods = method_order([*methods, *(r["method"] for r in records)])
     lengths = sorted({*lengths, *(r["length"] for r in records)})
     depths = sorted({*depths, *(r["depth"] for r in records)})
     done = {item_key(r["length"], r["depth"], r["sample"], r["method"]) for r in records}

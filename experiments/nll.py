@@ -24,6 +24,7 @@ from common import (
     item_key,
     load,
     log,
+    method_order,
     parse_ints,
     parse_methods,
     progress,
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
     # The report holds every item run with these settings (earlier runs with other --texts/--methods too).
     records = partial.values()
     texts = list(dict.fromkeys([*texts, *(r["text"] for r in records)]))
-    methods = list(dict.fromkeys([*methods, *(r["method"] for r in records)]))
+    methods = method_order([*methods, *(r["method"] for r in records)])
     done = {item_key(r["text"], r["window"], r["method"]) for r in records}
     payload = {
         "experiment": "NLL by position (paper, Figure 1)",

@@ -55,6 +55,14 @@ def test_parsers_reject_bad_lists():
         common.parse_methods("vanilla,nope")
 
 
+def test_reports_list_methods_in_one_order_whichever_run_came_last():
+    runs = ["memory:8:128:float16:heads", "lminfinite", "memory", "vanilla", "memory:16", "topk", "lminfinite"]
+    expected = ["vanilla", "lminfinite", "topk", "memory", "memory:16", "memory:8:128:float16:heads"]
+    assert common.method_order(runs) == expected
+    assert common.method_order(list(reversed(runs))) == expected
+    assert common.method_order(["mystery", "vanilla"]) == ["vanilla", "mystery"]  # unknown families last
+
+
 def test_passkey_keys_depend_on_coordinates_only():
     assert passkey.passkey(0, 2048, 0.5, 0) == passkey.passkey(0, 2048, 0.5, 0)
     keys = {passkey.passkey(0, n, d, s) for n in (2048, 4096) for d in (0.2, 0.5) for s in range(3)}
