@@ -638,6 +638,18 @@ def test_every_block_chosen_equals_top_k_of_every_middle_key(name):
         torch.testing.assert_close(_model_logits(model, x), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_memory_sees_its_blocks_within_half_the_pretraining_length():
+    """With memory and no limit_distance, D = n_local but at most half the pretraining length (64 here):
+    memory seen at the pretraining length's edge is not read (api.memory_distance)."""
+    model = MODELS["llama"]()
+    distance = lambda **kw: lminfinite.config_of(lminfinite.enable(model, n_global=GM, **kw)).distance  # noqa: E731
+    assert distance(n_local=48, memory=MEM) == 32
+    assert distance(n_local=48) == 48  # plain Λ: LM-Infinite's D = n_local
+    assert distance(n_local=48, memory=MEM, limit_distance=40) == 40  # an explicit D wins
+    assert distance(n_local=16, memory=MEM) == 16  # a window within half the length keeps D = n_local
+    assert distance(memory=MEM) == 32  # n_local defaults to the pretraining length
+
+
 def test_greedy_generation_equals_naive_recomputation():
     model = lminfinite.enable(MODELS["llama"](), n_global=GM, n_local=LM, memory=MEM)
     assert_greedy_equals_naive_recomputation(model, ids(LM + 5, seed=5), 5 * LM, n_global=GM, n_local=LM, memory=MEM)

@@ -75,6 +75,22 @@ def _warn_if_beyond_pretraining(config, n_local: int) -> None:
         )
 
 
+def memory_distance(config, n_local: int) -> int:
+    """D with block memory when `limit_distance` is not given: `n_local`, at most half the pretraining length.
+
+    Memory blocks (and the starting tokens) are seen at distance D. At D = the pretraining length the
+    model does not read them: SmolLM2-135M (8192 tokens), n_local=8192, passkey at 16k tokens, key at depth
+    0.1-0.3 answered 0/3 with D=8192 and right with D=4096 and D=2048 (results/passkey_smollm2/). InfLLM
+    likewise sees its memory at a local window of at most half the context. With a window of at most half
+    the pretraining length (n_local=512 on SmolLM2) D stays `n_local`, LM-Infinite's own choice.
+    """
+    try:
+        trained = pretraining_length(config)
+    except ValueError:
+        return n_local
+    return max(1, min(n_local, trained // 2))
+
+
 def enable(
     model: PreTrainedModel,
     n_global: int = 10,
@@ -91,7 +107,8 @@ def enable(
 
     n_global: starting tokens every query keeps seeing (default 10).
     n_local: local window (default: the model's pretraining length from its config).
-    limit_distance: distance at which the starting tokens are seen (default `n_local`).
+    limit_distance: distance D at which the starting tokens (and memory blocks) are seen (default `n_local`;
+        with `memory`, `n_local` but at most half the pretraining length: see `memory_distance`).
     backend: "auto", "torch" (chunked), "naive" (O(n^2) reference) or "flex".
     sink_positions: "zero" (LM-Infinite) or "own" (StreamingLLM-style sinks, a baseline).
     top_k: optional top-k extension (default 0, off): in layers >= `top_k_from_layer` each query also
@@ -113,6 +130,8 @@ def enable(
         n_local = pretraining_length(model.config)
     else:
         _warn_if_beyond_pretraining(model.config, n_local)
+    if memory is not None and limit_distance is None:
+        limit_distance = memory_distance(model.config, n_local)
     config = LambdaConfig(
         n_global=n_global,
         n_local=n_local,

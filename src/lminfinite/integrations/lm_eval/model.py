@@ -34,7 +34,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from ...api import disable, enable
+from ...api import config_of, disable, enable
 from ...compat import cache_keyword
 from ...config import pretraining_length
 from ...eval import methods as eval_methods
@@ -173,7 +173,7 @@ class LMInfiniteLM(HFLM):
             disable(model)
             enable(model, **kwargs)
             settings.update(
-                limit_distance=limit_distance or self.n_local,
+                limit_distance=config_of(model).distance,
                 backend=backend,
                 top_k=kwargs.get("top_k", 0),
                 top_k_from_layer=kwargs.get("top_k_from_layer", 0),
