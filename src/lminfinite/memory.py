@@ -7,7 +7,8 @@ maximum of its keys, which bound `q . k` from above for any query (Quest, Tang e
 2406.10774). Per chunk of queries (prefill) or per token (decode), `choose` scores these
 representatives only (never every stored key) and picks the best blocks; every key of a chosen
 block is then seen at the capped distance `D`, like a starting token (`rule.memory_rule`,
-`kernels/memory.py`). What a forward reads stays bounded: starting tokens, window, chosen blocks. The
+`kernels/memory.py`; `enable()` keeps `D` within half the pretraining length when memory is on:
+`api.memory_distance`). What a forward reads stays bounded: starting tokens, window, chosen blocks. The
 store grows with the input (SmolLM2: 816 bytes per token and layer in float16, 456 in int8;
 `BlockMemory.bytes_per_token`), or stays bounded with a cap that evicts the least-used blocks.
 
