@@ -27,6 +27,7 @@ Results: `benchmarks/results/memory_<model>[_<name>].json` and `.png`.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -125,8 +126,8 @@ def _medians(rows: list[dict]) -> list[dict]:
         row = {k: v for k, v in runs[0].items() if not isinstance(v, float)}
         row["repeats"] = len(runs)
         for key in (k for k, v in runs[0].items() if isinstance(v, float)):
-            values = sorted(r[key] for r in runs if r.get(key) is not None)
-            row[key] = values[len(values) // 2] if values else None
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None  # an even count: the mean of the middle two
         row.pop("repeat", None)
         out.append(row)
     return out
