@@ -62,12 +62,17 @@ def _check_model(model) -> None:
         )
 
 
-def _warn_if_beyond_pretraining(config, n_local: int) -> None:
+def _known_pretraining_length(config) -> int | None:
+    """The pretraining length, or None when the config does not tell it."""
     try:
-        trained = pretraining_length(config)
+        return pretraining_length(config)
     except ValueError:
-        return
-    if n_local > trained:
+        return None
+
+
+def _warn_if_beyond_pretraining(config, n_local: int) -> None:
+    trained = _known_pretraining_length(config)
+    if trained is not None and n_local > trained:
         warnings.warn(
             f"n_local={n_local} exceeds the model's pretraining length {trained}: the window itself then holds "
             "distances the model never saw",
@@ -84,11 +89,8 @@ def memory_distance(config, n_local: int) -> int:
     likewise sees its memory at a local window of at most half the context. With a window of at most half
     the pretraining length (n_local=512 on SmolLM2) D stays `n_local`, LM-Infinite's own choice.
     """
-    try:
-        trained = pretraining_length(config)
-    except ValueError:
-        return n_local
-    return max(1, min(n_local, trained // 2))
+    trained = _known_pretraining_length(config)
+    return n_local if trained is None else max(1, min(n_local, trained // 2))
 
 
 def enable(
